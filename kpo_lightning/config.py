@@ -1,0 +1,143 @@
+"""Typed configuration: dataclasses behind OmegaConf, so a typo or a wrong type is an error, not a silent default.
+
+The dataclass defaults are the library's defaults (what you get building the pieces in Python); `conf/*.yaml`
+holds the runs (`conf/default.yaml` is the embedded default job, other files are presets merged over it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 disables LoRA (full fine-tuning)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, smollm2
+    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
+    dtype: str = "float32"  # float32, bfloat16, float16
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "arithmetic"  # "arithmetic", a .jsonl/.json/.parquet/.csv file, or a dataset name
+    split: str = "train"
+    subset: Optional[str] = None  # dataset config name for hub datasets
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str = "{prompt}"  # formats the record's prompt field into the user message
+    system_prompt: Optional[str] = None
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    prompts_per_step: int = 8  # prompts per rollout step (each gets rollout.num_generations samples)
+    max_prompt_tokens: int = 256  # longer prompts are skipped and counted
+    val_source: Optional[str] = None  # a separate validation source; default: held out from `source`
+    val_size: int = 64  # held-out prompts used for validation
+    shuffle: bool = True
+    streaming: bool = True  # stream hub datasets instead of downloading them whole
+    arithmetic_max_operand: int = 99  # built-in task: operands drawn from [0, this]
+
+
+@dataclass
+class RolloutConfig:
+    num_generations: int = 8  # G: samples per prompt (the group)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    generation_batch_size: int = 0  # sequences per generate() call; 0 = all at once
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "math"  # "math" (boxed answer + math-verify) or "module:function"
+    timeout_s: float = 2.0  # bound on one answer check
+
+
+@dataclass
+class LossConfig:
+    type: str = "kpo_clipped"  # grpo, gspo, gmpo, kpo, kpo_clipped
+    # None means "the paper's value for this loss type" (see kpo_lightning.losses.LOSS_DEFAULTS)
+    kalman_q: Optional[float] = None
+    kalman_v: Optional[float] = None
+    kalman_p0: Optional[float] = None
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    agg: str = "seq-mean-token-mean"
+    agg_norm_constant: Optional[float] = None  # for seq-mean-token-sum-norm; default max_new_tokens
+    beta: float = 0.0  # KL coefficient against the reference snapshot; 0 = no reference model
+    kl_estimator: str = "k3"
+    advantage: str = "grpo"  # grpo, dr_grpo, rloo
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    num_minibatches: int = 4  # optimizer steps per rollout epoch; mini-batches 2.. are off-policy
+    epochs_per_rollout: int = 1
+    micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole mini-batch
+    max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # rollout steps
+    accelerator: str = "auto"
+    devices: str = "1"  # an int as a string, "auto", or a list like "0,1"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    keep_last: int = 2
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 0  # 0 disables periodic validation (a run still evaluates before and after)
+    k: int = 4  # samples per validation prompt (avg@k, pass@k)
+    temperature: float = 1.0
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+
+
+@dataclass
+class LogConfig:
+    samples_every_n_steps: int = 10  # sample completions as text in TensorBoard
+    ratio_plot_every_n_steps: int = 10  # raw vs filtered ratio figure
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "outputs/default"
+    resume: Optional[str] = None  # "auto" or a checkpoint path
+    mode: str = "train"  # train or eval
+    preset: Optional[str] = None
+    debug: bool = False  # show tracebacks for input errors
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
