@@ -71,7 +71,7 @@ class LossConfig:
     kalman_p0: Optional[float] = None
     clip_low: Optional[float] = None
     clip_high: Optional[float] = None
-    dual_clip: Optional[float] = None
+    dual_clip: Optional[float] = None  # 0 disables
     agg: str = "seq-mean-token-mean"
     agg_norm_constant: Optional[float] = None  # for seq-mean-token-sum-norm; default max_new_tokens
     beta: float = 0.0  # KL coefficient against the reference snapshot; 0 = no reference model

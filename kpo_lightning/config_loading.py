@@ -1,0 +1,141 @@
+"""Building the run's config: schema <- conf/default.yaml <- preset <- --config FILE <- key=value overrides.
+
+Unknown keys and wrong types become one-line `UserInputError`s that name the key (and the closest valid one).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kpo_lightning.config import Config
+from kpo_lightning.errors import UserInputError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _valid_keys(schema=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = prefix + f.name
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_valid_keys(type(default), key + "."))
+    return keys
+
+
+VALID_KEYS = _valid_keys()
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict):
+        return []
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict) and key in VALID_KEYS and not _is_leaf(key):
+            out.extend(_flat_keys(v, key + "."))
+    return out
+
+
+def _is_leaf(key: str) -> bool:
+    return not any(k.startswith(key + ".") for k in VALID_KEYS)
+
+
+def _check_keys(d: dict, source: str) -> None:
+    for key in _flat_keys(d):
+        if key not in VALID_KEYS:
+            close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in README.md"
+            raise UserInputError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserInputError(f"{what} {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserInputError(f"{what} {str(path)!r} is not valid YAML{where}: fix the syntax there") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"{what} {str(path)!r} must hold a mapping of config keys, not {type(data).__name__}")
+    _check_keys(data, str(path))
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserInputError(f"argument {item!r} is not a key=value override (e.g. loss.type=kpo)")
+    try:
+        data = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise UserInputError(f"could not parse the overrides {overrides}: {e}") from e
+    _check_keys(data, "the command line")
+    return data
+
+
+def available_presets(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "default")
+
+
+def load_config(overrides: list[str], config_file: Optional[str] = None, conf_dir: Path = CONF_DIR) -> Config:
+    """Merge the layers over the typed schema and return a `Config` object (typed, validated types)."""
+    cli = _parse_overrides(overrides)
+    file_layer = _read_yaml(Path(config_file), "config file") if config_file else {}
+    preset = cli.get("preset", file_layer.get("preset"))
+    layers: list[dict] = [_read_yaml(conf_dir / "default.yaml", "config file")]
+    if preset:
+        if preset not in available_presets(conf_dir):
+            raise UserInputError(f"preset={preset!r} is not a preset; use one of {', '.join(available_presets(conf_dir))}")
+        layers.append(_read_yaml(conf_dir / f"{preset}.yaml", "preset file"))
+    layers += [file_layer, cli]
+
+    merged: DictConfig = OmegaConf.structured(Config)
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            value = _lookup(layer, key)
+            raise UserInputError(
+                f"config key {key}={value!r} has the wrong type: {_type_hint(key)}"
+            ) from e
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _type_hint(key: str) -> str:
+    obj: Any = Config()
+    for part in key.split("."):
+        obj = getattr(obj, part, None)
+    if isinstance(obj, bool):
+        return "give true or false"
+    if isinstance(obj, int):
+        return "give an integer"
+    if isinstance(obj, float):
+        return "give a number"
+    return "give a string" if isinstance(obj, str) or obj is None else f"give a value like {obj!r}"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

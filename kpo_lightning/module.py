@@ -1,0 +1,361 @@
+"""`KPOModule`: the LightningModule that owns the policy, the reference snapshot and the KPO surrogate loss.
+
+Thin glue: the math lives in `losses`, `kalman`, `logprobs`, `advantages`; sampling in `rollout`. One training
+step is one rollout: the `RolloutCallback` puts the rollout into the batch, then this module runs
+`optim.epochs_per_rollout x optim.num_minibatches` optimizer steps on it (manual optimisation), so every
+mini-batch after the first is off-policy, which is where the Kalman filter acts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig
+from kpo_lightning.errors import UserInputError
+from kpo_lightning.evaluation import evaluate_batch
+from kpo_lightning.kalman import causal_kalman_filter
+from kpo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
+from kpo_lightning.models import disable_dropout
+from kpo_lightning.metrics import RatioVariance, SwitchFrequency
+from kpo_lightning.rewards import load_reward_fn
+from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
+    """The loss options set in the config (None means: the loss type's paper default)."""
+    names = ["clip_low", "clip_high", "dual_clip", "kalman_q", "kalman_v", "kalman_p0"]
+    known = LOSS_DEFAULTS[cfg.type]
+    opts = {n: getattr(cfg, n) for n in names if getattr(cfg, n) is not None and n in known}
+    opts["agg"] = cfg.agg
+    if cfg.agg == "seq-mean-token-sum-norm":
+        opts["agg_norm_constant"] = cfg.agg_norm_constant or float(max_new_tokens)
+    return opts
+
+
+class KPOModule(pl.LightningModule):
+    """Policy optimisation with Kalman-filtered importance ratios (or GRPO/GSPO/GMPO, same code path).
+
+    Build it around any transformers causal LM and its tokenizer and hand it to a plain `lightning.Trainer`
+    with a `PromptDataModule` (or any dataloader yielding `{"prompt": [...], "answer": [...]}` batches). It adds
+    its own `RolloutCallback` unless you pass one to the Trainer.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        rollout: RolloutConfig = RolloutConfig(),
+        reward: RewardConfig = RewardConfig(),
+        eval: EvalConfig = EvalConfig(),
+        log: LogConfig = LogConfig(),
+        reward_fn: Optional[Callable[..., float]] = None,
+        engine: Optional[RolloutEngine] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if loss.type not in LOSS_DEFAULTS:
+            raise UserInputError(f"loss.type={loss.type!r} is not a loss; use one of {sorted(LOSS_DEFAULTS)}")
+        self.policy = disable_dropout(policy)
+        self.tokenizer = tokenizer
+        self.loss_cfg, self.optim_cfg, self.rollout_cfg = loss, optim, rollout
+        self.eval_cfg, self.log_cfg = eval, log
+        self.reward_fn = reward_fn or load_reward_fn(reward.fn)
+        self.engine: RolloutEngine = engine or HFGenerateEngine()
+        self.automatic_optimization = False
+        self.seed = seed
+        self.loss_options = _loss_options(loss, rollout.max_new_tokens)
+        # The diagnostic filter (ratio variance and switch frequency, filtered) uses the configured Q, V, P0, else
+        # the loss's own, else KPO-clipped's: for GRPO/GSPO/GMPO it shows what the filter would have done.
+        kalman = {**LOSS_DEFAULTS["kpo_clipped"], **LOSS_DEFAULTS[loss.type]}
+        self.diag_kalman = {k: getattr(loss, k) if getattr(loss, k) is not None else kalman[k]
+                            for k in ("kalman_q", "kalman_v", "kalman_p0")}
+
+        # Reference snapshot for the KL term: with LoRA it is the base model (adapter disabled), no copy;
+        # otherwise a frozen copy, kept out of state_dict (rebuilt from the model source on resume).
+        self._reference: list[torch.nn.Module] = []
+        if loss.beta > 0 and not hasattr(policy, "disable_adapter"):
+            self._reference.append(copy.deepcopy(policy).eval().requires_grad_(False))
+
+        self.ratio_var_raw = RatioVariance()
+        self.ratio_var_filtered = RatioVariance()
+        self.switch_freq_raw = SwitchFrequency()
+        self.switch_freq_filtered = SwitchFrequency()
+        self.rollout_step = 0  # rollout steps done (the x axis of every curve)
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._val_rewards: list[Tensor] = []
+
+    # ----------------------------------------------------------------- Lightning wiring
+    def configure_callbacks(self):
+        from kpo_lightning.rollout_callback import RolloutCallback
+
+        user_has_one = self._trainer is not None and any(
+            isinstance(cb, RolloutCallback) for cb in self.trainer.callbacks
+        )
+        return [] if user_has_one else [RolloutCallback()]
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim_cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+        ]
+        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
+        total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
+        warmup = math.ceil(self.optim_cfg.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.optim_cfg.num_minibatches * self.optim_cfg.epochs_per_rollout
+
+    def on_fit_start(self) -> None:
+        self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
+        for ref in self._reference:
+            ref.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kpo"] = {
+            "rollout_step": self.rollout_step,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("kpo", {})
+        self.rollout_step = state.get("rollout_step", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+
+    # ----------------------------------------------------------------- log-probs
+    def sequence_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
+                          with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-token log-probs (and entropy) of the response tokens under `model`, temperature applied.
+
+        Position ids follow the attention mask, as in generation, so left padding does not shift positions.
+        """
+        response_len = input_ids.shape[1] - prompt_length
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=response_len + 1)
+        logits = out.logits[:, :-1]  # position t predicts token t + 1
+        tokens = input_ids[:, prompt_length:]
+        if with_entropy:
+            return token_logprobs_and_entropy(logits, tokens, temperature=self.rollout_cfg.temperature)
+        return token_logprobs(logits, tokens, temperature=self.rollout_cfg.temperature), None
+
+    def _micro_batches(self, rows: Tensor) -> list[Tensor]:
+        size = self.optim_cfg.micro_batch_size or len(rows)
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    @torch.no_grad()
+    def _old_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """pi_old log-probs and entropy for the whole rollout, plus reference log-probs when beta > 0."""
+        gen = rollout.generation
+        old, ent, ref = [], [], []
+        for rows in self._micro_batches(torch.arange(gen.input_ids.shape[0], device=gen.input_ids.device)):
+            ids, am = gen.input_ids[rows], gen.attention_mask[rows]
+            lp, e = self.sequence_logprobs(self.policy, ids, am, gen.prompt_length, with_entropy=True)
+            old.append(lp)
+            ent.append(e)
+            if self.loss_cfg.beta > 0:
+                ctx = self.policy.disable_adapter() if not self._reference else nullcontext()
+                ref_model = self._reference[0] if self._reference else self.policy
+                with ctx:
+                    ref.append(self.sequence_logprobs(ref_model, ids, am, gen.prompt_length)[0])
+        return torch.cat(old), torch.cat(ent), (torch.cat(ref) if ref else None)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout: Optional[Rollout] = batch.get("rollout") if isinstance(batch, dict) else None
+        if rollout is None:
+            raise RuntimeError("the batch has no rollout: add kpo_lightning.RolloutCallback to the Trainer's callbacks")
+        step_start = time.perf_counter()
+        gen = rollout.generation
+        device = gen.input_ids.device
+        mask = gen.response_mask
+        advantages = rollout.advantages.to(device)
+        old_logp, entropy, ref_logp = self._old_logprobs(rollout)
+
+        n_rows, group = gen.input_ids.shape[0], self.rollout_cfg.num_generations
+        rows_per_mb = (n_rows // group // self.optim_cfg.num_minibatches) * group
+        if rows_per_mb == 0:
+            raise UserInputError(
+                f"optim.num_minibatches={self.optim_cfg.num_minibatches} is more than the "
+                f"{n_rows // group} prompts of a rollout: lower it or raise data.prompts_per_step"
+            )
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        world = self.trainer.world_size
+        sums: dict[str, float] = {}
+        n_updates = 0
+        grad_norms: list[float] = []
+        last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+        for epoch in range(self.optim_cfg.epochs_per_rollout):
+            for mb in range(self.optim_cfg.num_minibatches):
+                mb_rows = torch.arange(mb * rows_per_mb, (mb + 1) * rows_per_mb, device=device)
+                off_policy = epoch > 0 or mb > 0
+                # Normalise by the whole mini-batch's count, summed over processes; DDP averages gradients, so
+                # each process divides by (global count / world size) to get the global-batch gradient.
+                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])), device=device)
+                if world > 1:
+                    norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
+                normalizer = norm.item() / world
+                loss_total = torch.zeros((), device=device)
+                for rows in self._micro_batches(mb_rows):
+                    logp, _ = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
+                                                     gen.prompt_length)
+                    opts = dict(self.loss_options, normalizer=normalizer)
+                    if ref_logp is not None:
+                        opts.update(ref_logp=ref_logp[rows], beta=self.loss_cfg.beta,
+                                    kl_estimator=self.loss_cfg.kl_estimator)
+                    loss, metrics = compute_policy_loss(self.loss_cfg.type, logp, old_logp[rows], advantages[rows],
+                                                        mask[rows], **opts)
+                    self.manual_backward(loss)
+                    loss_total += loss.detach()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n_updates += 1
+                    if off_policy:
+                        raw = (logp.detach() - old_logp[rows]).float()
+                        filtered = causal_kalman_filter(raw, mask[rows], self.diag_kalman["kalman_q"],
+                                                        self.diag_kalman["kalman_v"], self.diag_kalman["kalman_p0"])
+                        self.ratio_var_raw.update(raw, mask[rows])
+                        self.ratio_var_filtered.update(filtered, mask[rows])
+                        self.switch_freq_raw.update(raw, mask[rows])
+                        self.switch_freq_filtered.update(filtered, mask[rows])
+                        last_offpolicy = (raw, filtered, mask[rows])
+                grad_norm = self._step_or_skip(opt, sched, loss_total)
+                grad_norms.append(grad_norm)
+
+        self.rollout_step += 1
+        seconds = time.perf_counter() - step_start + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"]
+        logs = {f"train/{k}": v for k, v in rollout.stats.items()}
+        logs.update({f"train/{k}": v / max(n_updates, 1) for k, v in sums.items()})
+        valid = mask.sum().clamp(min=1)
+        logs.update({
+            "train/entropy": ((entropy * mask).sum() / valid).item(),
+            "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "train/lr": sched.get_last_lr()[0],
+            "train/skipped_steps": float(self.skipped_steps),
+            "train/tokens_per_second": rollout.stats["generated_tokens"] / max(seconds, 1e-9),
+            "train/time_update_s": time.perf_counter() - step_start,
+        })
+        if "clip_frac_low" in logs and "clip_frac_high" in logs:
+            logs["train/clip_frac"] = logs["train/clip_frac_low"] + logs["train/clip_frac_high"]
+        for name in ("ratio_var_raw", "ratio_var_filtered", "switch_freq_raw", "switch_freq_filtered"):
+            metric = getattr(self, name)
+            if metric.update_count > 0:
+                logs[f"train/{name}"] = float(metric.compute())
+            metric.reset()
+        self.log("reward", rollout.stats["reward"], prog_bar=True, logger=False, batch_size=n_rows)
+        self.log("train/reward", rollout.stats["reward"], logger=False, batch_size=n_rows)
+        self._log_metrics(logs)
+        self._log_text_and_figure(rollout, last_offpolicy)
+
+    def _step_or_skip(self, opt, sched, loss: Tensor) -> float:
+        """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            opt.step()
+            sched.step()
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            print(f"[kpo] rollout step {self.rollout_step}: non-finite {what}, optimizer step skipped "
+                  f"({self.consecutive_skips} in a row)", flush=True)
+            if self.consecutive_skips >= self.optim_cfg.max_skipped_steps:
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteTrainingError(
+                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite {what} "
+                    f"(optim.max_skipped_steps={self.optim_cfg.max_skipped_steps}); lower optim.lr or check the model"
+                )
+        opt.zero_grad(set_to_none=True)
+        return float(grad_norm) if torch.isfinite(grad_norm) else float("nan")
+
+    # ----------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        params = SamplingParams(
+            num_samples=self.eval_cfg.k,
+            max_new_tokens=self.eval_cfg.max_new_tokens or self.rollout_cfg.max_new_tokens,
+            temperature=self.eval_cfg.temperature,
+            top_p=self.rollout_cfg.top_p,
+            top_k=self.rollout_cfg.top_k,
+            batch_size=self.rollout_cfg.generation_batch_size,
+        )
+        # Validation samples from its own seeded RNG: the same prompts get the same draws at every evaluation,
+        # and training's RNG stream is untouched (so a resumed run samples exactly what the original would).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
+            rewards = evaluate_batch(self.engine, self.policy, self.tokenizer, batch["prompt"], batch["answer"],
+                                     params, self.reward_fn)
+        self._val_rewards.append(rewards.to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_rewards:
+            return
+        from kpo_lightning.evaluation import summarize
+
+        rewards = torch.cat(self._val_rewards)  # (num_prompts, k)
+        self._val_rewards = []
+        if self.trainer.world_size > 1:
+            rewards = self.all_gather(rewards).reshape(-1, rewards.shape[-1])
+        summary = summarize(rewards, self.eval_cfg.k)
+        self.log("val/accuracy", summary["accuracy"], prog_bar=True, logger=False, sync_dist=False)
+        self._log_metrics({f"val/{k}": v for k, v in summary.items()})
+
+    # ----------------------------------------------------------------- logging
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        """One point per rollout step, whatever the number of optimizer steps inside it."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.rollout_step)
+
+    def _tensorboard(self):
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_figure") and self.global_rank == 0:
+                return exp
+        return None
+
+    def _log_text_and_figure(self, rollout: Rollout, offpolicy: Optional[tuple[Tensor, Tensor, Tensor]]) -> None:
+        tb = self._tensorboard()
+        if tb is None:
+            return
+        every = self.log_cfg.samples_every_n_steps
+        if every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1):
+            rows = []
+            for i in range(0, len(rollout.prompts), max(1, self.rollout_cfg.num_generations)):
+                rows.append(f"| {rollout.prompts[i]!r} | {rollout.generation.completions[i]!r} | "
+                            f"{rollout.answers[i]!r} | {rollout.rewards[i].item():.2f} |")
+            table = "| prompt | completion | answer | reward |\n|---|---|---|---|\n" + "\n".join(rows[:8])
+            tb.add_text("samples", table, self.rollout_step)
+        every = self.log_cfg.ratio_plot_every_n_steps
+        if offpolicy is not None and every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1):
+            from kpo_lightning.plots import ratio_figure
+
+            raw, filtered, mask = offpolicy
+            row = int(mask.sum(dim=1).argmax())
+            fig = ratio_figure(raw[row][mask[row]], filtered[row][mask[row]])
+            tb.add_figure("ratios/raw_vs_filtered", fig, self.rollout_step)

@@ -1,0 +1,192 @@
+"""Rollouts: sample G responses per prompt, build the masks, score them, compute group advantages.
+
+The generation engine sits behind a one-method interface (`RolloutEngine.generate`), so a faster engine (vLLM,
+SGLang, a server) can replace `HFGenerateEngine` without touching the module or the callback.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from kpo_lightning.advantages import group_advantages
+from kpo_lightning.rewards import score_completions
+
+
+@dataclass
+class SamplingParams:
+    """How to sample responses (the knobs every engine understands)."""
+
+    num_samples: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 0  # sequences per generate() call; 0 = all at once
+
+
+@dataclass
+class Generation:
+    """Token ids of prompts (left-padded) followed by responses (right-padded), with the masks training needs.
+
+    Row i belongs to prompt i // num_samples: the G samples of a prompt are contiguous (a group).
+    """
+
+    input_ids: Tensor  # (N, P + R) prompt then response
+    attention_mask: Tensor  # (N, P + R) 1 on real prompt tokens and valid response tokens
+    response_mask: Tensor  # (N, R) bool: response tokens the policy produced, up to and including eos
+    prompt_length: int  # P: response tokens start at column P
+    completions: list[str]  # decoded responses, special tokens removed
+    truncated: Tensor  # (N,) bool: no eos within max_new_tokens
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+
+class RolloutEngine(Protocol):
+    """Anything that samples `params.num_samples` responses for each prompt."""
+
+    def generate(self, model, tokenizer, prompts: list[str], params: SamplingParams) -> Generation: ...
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """Valid response tokens: everything up to and including the first eos; nothing after it.
+
+    Works when pad == eos (SmolLM2): padding is recognised by position (after the first eos), not by id.
+    Returns (mask (N, R) bool, truncated (N,) bool: rows with no eos at all).
+    """
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for eos in eos_token_ids:
+        is_eos |= response_ids == eos
+    eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return ~eos_seen_before, ~is_eos.any(dim=1)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The eos ids generation stops at: the generation config's (may be a list) and the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(int(i) for i in gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+class HFGenerateEngine:
+    """Batched sampling with transformers' `generate` (KV cache on), in eval mode, without gradients."""
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, prompts: list[str], params: SamplingParams) -> Generation:
+        device = next(model.parameters()).device
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_ids = enc["input_ids"].repeat_interleave(params.num_samples, dim=0).to(device)
+        prompt_mask = enc["attention_mask"].repeat_interleave(params.num_samples, dim=0).to(device)
+        eos_ids = eos_token_ids(tokenizer, model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+        # A fresh config, so that sampling defaults shipped with a model (top_k=50, repetition penalty, ...)
+        # never change the distribution the loss assumes was sampled from.
+        sample = params.temperature > 0
+        config = GenerationConfig(
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=params.top_k if sample else None,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        was_training = model.training
+        model.eval()
+        n = prompt_ids.shape[0]
+        step = params.batch_size if params.batch_size > 0 else n
+        chunks = []
+        try:
+            for start in range(0, n, step):
+                out = model.generate(
+                    input_ids=prompt_ids[start : start + step],
+                    attention_mask=prompt_mask[start : start + step],
+                    generation_config=config,
+                )
+                chunks.append(out[:, prompt_ids.shape[1] :])
+        finally:
+            model.train(was_training)
+
+        width = max(c.shape[1] for c in chunks)
+        response_ids = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks], dim=0
+        )
+        response_mask, truncated = response_mask_from_ids(response_ids, eos_ids)
+        response_ids = response_ids.masked_fill(~response_mask, pad_id)
+        completions = tokenizer.batch_decode(
+            [row[m].tolist() for row, m in zip(response_ids, response_mask)], skip_special_tokens=True
+        )
+        return Generation(
+            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+            response_mask=response_mask,
+            prompt_length=prompt_ids.shape[1],
+            completions=completions,
+            truncated=truncated,
+        )
+
+
+@dataclass
+class Rollout:
+    """One rollout step's data: the generation, rewards and advantages, plus what the module fills in."""
+
+    generation: Generation
+    prompts: list[str]
+    answers: list[str]
+    rewards: Tensor  # (N,)
+    advantages: Tensor  # (N,)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def make_rollout(
+    engine: RolloutEngine,
+    model,
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    params: SamplingParams,
+    reward_fn: Callable[..., float],
+    advantage_estimator: str = "grpo",
+) -> Rollout:
+    """Sample, score and compute group advantages for a batch of prompts."""
+    start = time.perf_counter()
+    gen = engine.generate(model, tokenizer, prompts, params)
+    gen_seconds = time.perf_counter() - start
+
+    group_prompts = [p for p in prompts for _ in range(params.num_samples)]
+    group_answers = [a for a in answers for _ in range(params.num_samples)]
+    start = time.perf_counter()
+    rewards, num_errors = score_completions(reward_fn, group_prompts, gen.completions, group_answers)
+    score_seconds = time.perf_counter() - start
+    advantages, adv_stats = group_advantages(rewards, params.num_samples, advantage_estimator)
+
+    lengths = gen.response_mask.sum(dim=1).float()
+    stats = {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "reward_errors": float(num_errors),
+        "zero_var_group_frac": float(adv_stats["zero_var_group_frac"]),
+        "response_length": lengths.mean().item(),
+        "truncated_frac": gen.truncated.float().mean().item(),
+        "empty_frac": (lengths <= 1).float().mean().item(),  # only eos produced
+        "generated_tokens": lengths.sum().item(),
+        "time_generate_s": gen_seconds,
+        "time_score_s": score_seconds,
+    }
+    return Rollout(gen, group_prompts, group_answers, rewards, advantages.to(rewards.dtype), stats)

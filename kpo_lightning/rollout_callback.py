@@ -1,0 +1,46 @@
+"""`RolloutCallback`: before each training step, sample the rollout the step will optimise on."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as pl
+
+from kpo_lightning.rollout import SamplingParams, make_rollout
+
+
+class RolloutCallback(pl.Callback):
+    """Generates `rollout.num_generations` samples per prompt of the batch, scores them, computes group
+    advantages and puts the result into the batch under "rollout" for `KPOModule.training_step`.
+
+    The engine, reward function and sampling settings come from the module (one source of truth, shared with
+    validation); pass `params` to override the sampling settings here.
+    """
+
+    def __init__(self, params: Optional[SamplingParams] = None) -> None:
+        self.params = params
+
+    def sampling_params(self, pl_module) -> SamplingParams:
+        if self.params is not None:
+            return self.params
+        cfg = pl_module.rollout_cfg
+        return SamplingParams(
+            num_samples=cfg.num_generations,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            batch_size=cfg.generation_batch_size,
+        )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch: dict, batch_idx: int) -> None:
+        batch["rollout"] = make_rollout(
+            pl_module.engine,
+            pl_module.policy,
+            pl_module.tokenizer,
+            batch["prompt"],
+            batch["answer"],
+            self.sampling_params(pl_module),
+            pl_module.reward_fn,
+            pl_module.loss_cfg.advantage,
+        )

@@ -1,0 +1,95 @@
+"""The training job behind `python run.py`: build the pieces from the config and hand them to a Trainer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from kpo_lightning.checkpointing import RolloutCheckpoint, latest_checkpoint
+from kpo_lightning.config import Config
+from kpo_lightning.config_loading import to_yaml
+from kpo_lightning.datamodule import PromptDataModule
+from kpo_lightning.export import save_hf_folder
+from kpo_lightning.models import load_model_and_tokenizer
+from kpo_lightning.module import KPOModule, NonFiniteTrainingError
+from kpo_lightning.rollout_callback import RolloutCallback
+
+
+def _devices(spec: str):
+    spec = str(spec).strip()
+    if spec == "auto" or spec == "-1":
+        return spec if spec == "auto" else -1
+    if "," in spec:
+        return [int(d) for d in spec.split(",") if d.strip()]
+    return int(spec)
+
+
+def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Trainer:
+    """One Trainer "epoch" is the whole run: `trainer.max_steps` rollout steps (training batches)."""
+    every = cfg.eval.every_n_steps
+    return pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=cfg.trainer.max_steps,
+        limit_val_batches=1.0 if every > 0 else 0,
+        val_check_interval=min(every, cfg.trainer.max_steps) if every > 0 else None,
+        check_val_every_n_epoch=1 if every > 0 else None,
+        num_sanity_val_steps=0,
+        accelerator=cfg.trainer.accelerator,
+        devices=_devices(cfg.trainer.devices),
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # RolloutCheckpoint does it, atomically and per rollout step
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        default_root_dir=cfg.output_dir,
+        use_distributed_sampler=False,  # the data module shards the prompt stream itself
+    )
+
+
+def resolve_resume(cfg: Config, ckpt_dir: Path):
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = latest_checkpoint(ckpt_dir)
+        print(f"[kpo] resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint in ' + str(ckpt_dir) + ', starting fresh'}", flush=True)
+        return found
+    return Path(cfg.resume)
+
+
+def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    datamodule = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
+    module = KPOModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout, reward=cfg.reward,
+                       eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
+    ckpt_dir = out / "checkpoints"
+    checkpoint = RolloutCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
+    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+    trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)
+    resume = resolve_resume(cfg, ckpt_dir)
+
+    if trainer.is_global_zero:
+        print(f"[kpo] output: {out.resolve()}\n[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", flush=True)
+    if cfg.eval.every_n_steps > 0 and resume is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except NonFiniteTrainingError as e:
+        print(f"error: {e} (last good checkpoint kept in {ckpt_dir})", file=sys.stderr)
+        return 1
+
+    if trainer.is_global_zero:
+        final = save_hf_folder(module.policy, tokenizer, out / "final")
+        print(f"[kpo] saved the policy to {final} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
+        print(f"[kpo] view the curves: tensorboard --logdir {out / 'tensorboard'}", flush=True)
+    return 0
