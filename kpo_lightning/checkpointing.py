@@ -21,7 +21,10 @@ CKPT_PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Plain types and tensors only, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -30,7 +33,8 @@ def rng_states() -> dict:
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -41,6 +45,15 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_PATTERN.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_rollout_step(path: Path) -> int:
+    """The rollout step a checkpoint was taken at (from its name when it is ours, else from its contents)."""
+    m = CKPT_PATTERN.match(Path(path).name)
+    if m:
+        return int(m.group(1))
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return int(state.get("kpo", {}).get("rollout_step", 0))
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
@@ -95,6 +108,13 @@ class RolloutCheckpoint(pl.Callback):
                 print(f"[kpo] saved {path} after {type(exception).__name__}", flush=True)
             except Exception as e:  # never hide the original error behind a failed save
                 print(f"[kpo] could not save a checkpoint after {type(exception).__name__}: {e}", flush=True)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # A run resumed with a larger trainer.max_steps must go on: the loop state saved at the old last step
+        # marks that batch as the epoch's last, which would end the resumed run at once.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress is not None and progress["current"]["completed"] + 1 < trainer.num_training_batches:
+            progress["is_last_batch"] = False
 
     def state_dict(self) -> dict:
         return {"rng": rng_states()}

@@ -30,6 +30,9 @@ from kpo_lightning.rewards import load_reward_fn
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
+COUNT_METRICS = ("num_tokens", "nonfinite_tokens")  # summed over micro-batches, not averaged
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -204,8 +207,9 @@ class KPOModule(pl.LightningModule):
         sched = self.lr_schedulers()
         world = self.trainer.world_size
         sums: dict[str, float] = {}
-        n_updates = 0
+        n_tokens = 0.0
         grad_norms: list[float] = []
+        minibatch_losses: list[float] = []
         last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
         for epoch in range(self.optim_cfg.epochs_per_rollout):
@@ -230,9 +234,10 @@ class KPOModule(pl.LightningModule):
                                                         mask[rows], **opts)
                     self.manual_backward(loss)
                     loss_total += loss.detach()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n_updates += 1
+                    weight = float(metrics["num_tokens"])
+                    for k, v in metrics.items():  # token-weighted means; counts are summed
+                        sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in COUNT_METRICS else weight)
+                    n_tokens += weight
                     if off_policy:
                         raw = (logp.detach() - old_logp[rows]).float()
                         filtered = causal_kalman_filter(raw, mask[rows], self.diag_kalman["kalman_q"],
@@ -244,21 +249,23 @@ class KPOModule(pl.LightningModule):
                         last_offpolicy = (raw, filtered, mask[rows])
                 grad_norm = self._step_or_skip(opt, sched, loss_total)
                 grad_norms.append(grad_norm)
+                minibatch_losses.append(float(loss_total))
 
         self.rollout_step += 1
         seconds = time.perf_counter() - step_start + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"]
         logs = {f"train/{k}": v for k, v in rollout.stats.items()}
-        logs.update({f"train/{k}": v / max(n_updates, 1) for k, v in sums.items()})
+        logs.update({f"train/{k}": v if k in COUNT_METRICS else v / max(n_tokens, 1.0) for k, v in sums.items()})
         valid = mask.sum().clamp(min=1)
         logs.update({
             "train/entropy": ((entropy * mask).sum() / valid).item(),
             "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "train/loss": sum(minibatch_losses) / max(len(minibatch_losses), 1),
             "train/lr": sched.get_last_lr()[0],
             "train/skipped_steps": float(self.skipped_steps),
             "train/tokens_per_second": rollout.stats["generated_tokens"] / max(seconds, 1e-9),
             "train/time_update_s": time.perf_counter() - step_start,
         })
-        if "clip_frac_low" in logs and "clip_frac_high" in logs:
+        if "train/clip_frac_low" in logs and "train/clip_frac_high" in logs:
             logs["train/clip_frac"] = logs["train/clip_frac_low"] + logs["train/clip_frac_high"]
         for name in ("ratio_var_raw", "ratio_var_filtered", "switch_freq_raw", "switch_freq_filtered"):
             metric = getattr(self, name)

@@ -9,7 +9,7 @@ from typing import Callable
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kpo_lightning.checkpointing import RolloutCheckpoint, latest_checkpoint
+from kpo_lightning.checkpointing import RolloutCheckpoint, checkpoint_rollout_step, latest_checkpoint
 from kpo_lightning.config import Config
 from kpo_lightning.config_loading import to_yaml
 from kpo_lightning.datamodule import PromptDataModule
@@ -82,6 +82,10 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
         print(f"[kpo] output: {out.resolve()}\n[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", flush=True)
     if cfg.eval.every_n_steps > 0 and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
+    if resume is not None and checkpoint_rollout_step(resume) >= cfg.trainer.max_steps:
+        print(f"[kpo] {resume} is already at trainer.max_steps={cfg.trainer.max_steps}: nothing to train; "
+              "raise trainer.max_steps to continue", flush=True)
+        return 0
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     except NonFiniteTrainingError as e:

@@ -1,0 +1,66 @@
+"""End to end: the module in a user's own Trainer, and `run.py` for a few steps with TensorBoard output."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from kpo_lightning import KPOModule, PromptDataModule
+from kpo_lightning.cli import main
+from kpo_lightning.config import DataConfig, LossConfig, OptimConfig, RolloutConfig
+
+
+def test_module_in_a_users_own_trainer(char_tokenizer, tiny_model, tmp_path):
+    # The README's "use the module in your own Trainer" example, as written there.
+    module = KPOModule(
+        tiny_model,
+        char_tokenizer,
+        loss=LossConfig(type="kpo_clipped"),
+        optim=OptimConfig(lr=1e-3, num_minibatches=2),
+        rollout=RolloutConfig(num_generations=4, max_new_tokens=8),
+    )
+    data = PromptDataModule(DataConfig(source="arithmetic", prompts_per_step=4, val_size=8), tokenizer=char_tokenizer)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu",
+                         logger=pl.loggers.TensorBoardLogger(tmp_path), enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert module.rollout_step == 3
+    assert trainer.global_step == 3 * 2  # one optimizer step per mini-batch
+    changed = any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+    assert changed
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_run_py_few_steps_writes_tensorboard_and_final_model(char_tokenizer, tiny_model, tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model.save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    code = main([
+        f"model.name_or_path={model_dir}", f"output_dir={out}", "trainer.max_steps=4",
+        "data.prompts_per_step=4", "data.val_size=8", "rollout.num_generations=4", "rollout.max_new_tokens=6",
+        "optim.num_minibatches=2", "optim.lr=1e-3", "eval.every_n_steps=2", "eval.k=2", "checkpoint.every_n_steps=2",
+        "log.samples_every_n_steps=2", "log.ratio_plot_every_n_steps=2",
+    ])
+    assert code == 0
+    assert (out / "config.yaml").exists()
+    scalars, acc = _scalars(out / "tensorboard")
+    for tag in ["train/reward", "train/ratio_var_raw", "train/ratio_var_filtered", "train/switch_freq_raw",
+                "train/switch_freq_filtered", "train/clip_frac", "train/reward_std", "train/zero_var_group_frac",
+                "train/response_length", "train/loss", "train/entropy", "train/grad_norm", "train/lr",
+                "train/tokens_per_second", "val/accuracy"]:
+        assert tag in scalars, (tag, sorted(scalars))
+    assert [s for s, _ in scalars["train/reward"]] == [1, 2, 3, 4]  # one point per rollout step
+    assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]  # before training and every 2 steps
+    assert acc.Tags()["images"], "the raw-vs-filtered ratio figure is logged"
+    assert any("samples" in t for t in acc.Tags()["tensors"]), acc.Tags()
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert final.config.vocab_size == tiny_model.config.vocab_size
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.ckpt", "step-000004.ckpt"]
