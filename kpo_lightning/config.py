@@ -37,7 +37,7 @@ class DataConfig:
     prompt_template: str = "{prompt}"  # formats the record's prompt field into the user message
     system_prompt: Optional[str] = None
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
-    prompts_per_step: int = 8  # prompts per rollout step (each gets rollout.num_generations samples)
+    prompts_per_step: int = 8  # prompts per rollout step, all processes together (each gets G samples)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
     val_source: Optional[str] = None  # a separate validation source; default: held out from `source`
     val_size: int = 64  # held-out prompts used for validation

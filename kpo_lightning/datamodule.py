@@ -575,6 +575,7 @@ class PromptDataModule(pl.LightningDataModule):
         self._require_setup()
         pos = replace(self._produced)
         prompts, answers = self._fill(pos)
+        prompts, answers = self._shard(prompts), self._shard(answers)
         pos.batches += 1
         self._produced = pos
         if self._deferring():
@@ -587,6 +588,20 @@ class PromptDataModule(pl.LightningDataModule):
             self._pending.clear()
             self._committed = replace(pos)
         return {"prompt": prompts, "answer": answers}
+
+    def _shard(self, items: list[str]) -> list[str]:
+        """This process's contiguous share of a global batch. Every process reads the same stream (so the
+        saved position is the same everywhere) and keeps its own slice: groups are never split across processes."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return items
+        if len(items) % world:
+            raise UserInputError(
+                f"data.prompts_per_step={len(items)} must be a multiple of the {world} processes; change one of them"
+            )
+        share = len(items) // world
+        return items[trainer.global_rank * share : (trainer.global_rank + 1) * share]
 
     def _fill(self, pos: _Position) -> tuple[list[str], list[str]]:
         """Read records from `pos` (advancing it) until `prompts_per_step` usable prompts are collected."""

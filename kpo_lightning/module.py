@@ -197,12 +197,13 @@ class KPOModule(pl.LightningModule):
         old_logp, entropy, ref_logp = self._old_logprobs(rollout)
 
         n_rows, group = gen.input_ids.shape[0], self.rollout_cfg.num_generations
-        rows_per_mb = (n_rows // group // self.optim_cfg.num_minibatches) * group
-        if rows_per_mb == 0:
+        n_groups = n_rows // group
+        if n_groups % self.optim_cfg.num_minibatches:
             raise UserInputError(
-                f"optim.num_minibatches={self.optim_cfg.num_minibatches} is more than the "
-                f"{n_rows // group} prompts of a rollout: lower it or raise data.prompts_per_step"
+                f"optim.num_minibatches={self.optim_cfg.num_minibatches} does not divide the {n_groups} prompts this "
+                "process holds per rollout (data.prompts_per_step / processes): groups are never split"
             )
+        rows_per_mb = n_groups // self.optim_cfg.num_minibatches * group
         opt = self.optimizers()
         sched = self.lr_schedulers()
         world = self.trainer.world_size

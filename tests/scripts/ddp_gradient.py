@@ -1,0 +1,78 @@
+"""Helper for tests/test_ddp.py: one KPO update on a fixed rollout, on 1 process or on N with Lightning DDP (gloo).
+
+Rank r of N gets groups [r*k, (r+1)*k) of the same global rollout. Writes the gradient each process sees at the
+optimizer step (after DDP's all-reduce) to OUT/grads-rank{r}.pt. Usage: python ddp_gradient.py OUT WORLD
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from kpo_lightning import KPOModule, RolloutCallback
+from kpo_lightning.char_tokenizer import build_char_tokenizer
+from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
+from kpo_lightning.rollout import Generation, Rollout
+from kpo_lightning.tiny_models import build_tiny_random_model
+
+GROUPS, G, P, R = 4, 4, 5, 7
+
+
+def global_rollout(vocab: int) -> Rollout:
+    """A fixed rollout of GROUPS x G rows with ragged responses (eos at different places) and holes-free masks."""
+    gen = torch.Generator().manual_seed(1)
+    n = GROUPS * G
+    ids = torch.randint(5, vocab, (n, P + R), generator=gen)
+    lengths = torch.randint(1, R + 1, (n,), generator=gen)
+    response_mask = torch.arange(R)[None, :] < lengths[:, None]
+    attention = torch.cat([torch.ones(n, P, dtype=torch.long), response_mask.long()], dim=1)
+    advantages = torch.randn(n, generator=gen)
+    generation = Generation(ids, attention, response_mask, P, [""] * n, torch.zeros(n, dtype=torch.bool))
+    return Rollout(generation, [""] * n, [""] * n, torch.zeros(n), advantages, {
+        "reward": 0.0, "time_generate_s": 0.0, "time_score_s": 0.0, "generated_tokens": float(response_mask.sum())})
+
+
+def shard(r: Rollout, rank: int, world: int) -> Rollout:
+    rows = slice(rank * GROUPS // world * G, (rank + 1) * GROUPS // world * G)
+    g = r.generation
+    gen = Generation(g.input_ids[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_length,
+                     g.completions[rows], g.truncated[rows])
+    return Rollout(gen, r.prompts[rows], r.answers[rows], r.rewards[rows], r.advantages[rows], dict(r.stats))
+
+
+class FixedRollout(RolloutCallback):
+    def __init__(self, rollout: Rollout) -> None:
+        super().__init__()
+        self.rollout = rollout
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        batch["rollout"] = shard(self.rollout, trainer.global_rank, trainer.world_size)
+
+
+class SaveGrads(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+        torch.save(grads, self.out / f"grads-rank{trainer.global_rank}.pt")
+
+
+def main(out: Path, world: int, loss_type: str, agg: str) -> None:
+    torch.set_num_threads(1)
+    tok = build_char_tokenizer()
+    model = build_tiny_random_model(tok, seed=0)
+    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg),
+                       optim=OptimConfig(lr=1e-3, num_minibatches=1, grad_clip=0.0, warmup_ratio=0.0),
+                       rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
+    data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+                         max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[FixedRollout(global_rollout(len(tok))), SaveGrads(out)])
+    trainer.fit(module, train_dataloaders=data)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

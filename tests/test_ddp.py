@@ -1,0 +1,33 @@
+"""Two processes (Lightning DDP, gloo on CPU) on a global batch give the single-process gradient.
+
+The loss normaliser uses the global sequence or token count; each process holds whole groups.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_gradient.py"
+
+
+def grads(out: Path, world: int, loss: str, agg: str) -> list[dict]:
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), loss, agg],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"grads-rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("loss, agg", [("kpo", "seq-mean-token-mean"), ("grpo", "token-mean")])
+def test_two_process_gradient_equals_single_process(tmp_path, loss, agg):
+    (single,) = grads(tmp_path / "one", 1, loss, agg)
+    rank0, rank1 = grads(tmp_path / "two", 2, loss, agg)
+    assert single.keys() == rank0.keys() == rank1.keys()
+    scale = max(g.abs().max().item() for g in single.values())
+    assert scale > 1e-4, "the update is not trivial"
+    for name in single:
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0)
