@@ -102,6 +102,7 @@ class KPOModule(pl.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._val_rewards: list[Tensor] = []
+        self.last_logs: dict[str, float] = {}
 
     # ----------------------------------------------------------------- Lightning wiring
     def configure_callbacks(self):
@@ -275,6 +276,7 @@ class KPOModule(pl.LightningModule):
             metric.reset()
         self.log("reward", rollout.stats["reward"], prog_bar=True, logger=False, batch_size=n_rows)
         self.log("train/reward", rollout.stats["reward"], logger=False, batch_size=n_rows)
+        self.last_logs = logs  # for callbacks and tests
         self._log_metrics(logs)
         self._log_text_and_figure(rollout, last_offpolicy)
 
