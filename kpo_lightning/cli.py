@@ -7,6 +7,7 @@ config, the data source, the model path, the reward function and the resume path
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -55,7 +56,9 @@ def check_inputs(cfg: Config):
     from kpo_lightning.models import check_model_source
     from kpo_lightning.rewards import load_reward_fn
 
-    PromptDataModule.check_source(cfg.data)
+    sources = cfg.data.source.split(",") if cfg.mode == "eval" else [cfg.data.source]
+    for source in sources:  # eval mode takes several datasets, comma-separated
+        PromptDataModule.check_source(dataclasses.replace(cfg.data, source=source.strip()))
     check_model_source(cfg.model)
     return load_reward_fn(cfg.reward.fn)
 

@@ -77,8 +77,9 @@ def _extract(record: Any, where: str, cfg: DataConfig) -> Pair:
     """(prompt text, answer str) from one record; `where` ("data.jsonl, line 3") goes into every error."""
     if not isinstance(record, dict):
         raise UserInputError(f"{where}: expected a record (an object with fields), got {type(record).__name__}")
+    keys = _layout_keys(record, cfg)
     values = []
-    for config_key, key in (("data.prompt_key", cfg.prompt_key), ("data.answer_key", cfg.answer_key)):
+    for config_key, key in (("data.prompt_key", keys[0]), ("data.answer_key", keys[1])):
         found, value = _lookup(record, key)
         if not found:
             raise UserInputError(
@@ -101,7 +102,29 @@ def _extract(record: Any, where: str, cfg: DataConfig) -> Pair:
         raise UserInputError(
             f"{where}: field {cfg.prompt_key!r} (data.prompt_key) is a {type(prompt).__name__}, not text"
         )
-    return prompt, str(answer)
+    return prompt, _clean_answer(str(answer))
+
+
+# Common math benchmark layouts, used when the configured prompt/answer fields are absent from a record:
+# MATH-500 / AIME (problem, answer), AIME 2024 dumps (Problem, Answer), GSM8K (question, answer with "#### 42").
+KNOWN_LAYOUTS = (("problem", "answer"), ("Problem", "Answer"), ("question", "answer"))
+
+
+def _layout_keys(record: dict, cfg: DataConfig) -> tuple[str, str]:
+    """The configured (prompt, answer) fields when the record has them, else the first known layout it has."""
+    if _lookup(record, cfg.prompt_key)[0] and _lookup(record, cfg.answer_key)[0]:
+        return cfg.prompt_key, cfg.answer_key
+    for prompt_key, answer_key in KNOWN_LAYOUTS:
+        if prompt_key in record and answer_key in record:
+            return prompt_key, answer_key
+    return cfg.prompt_key, cfg.answer_key  # reported as missing by the caller
+
+
+def _clean_answer(answer: str) -> str:
+    """GSM8K answers end with "#### 1,234": keep the final number only (commas dropped)."""
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer
 
 
 def _parse_jsonl(text: str, path: Path) -> list[tuple[str, Any]]:
