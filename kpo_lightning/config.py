@@ -89,6 +89,7 @@ class OptimConfig:
     num_minibatches: int = 4  # optimizer steps per rollout epoch; mini-batches 2.. are off-policy
     epochs_per_rollout: int = 1
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole mini-batch
+    max_tokens_per_micro_batch: int = 0  # cap on (rows x padded length) per forward/backward; 0 = no cap
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
 
 

@@ -81,6 +81,7 @@ def check_config(cfg: Config) -> None:
     _at_least("optim.num_minibatches", cfg.optim.num_minibatches, 1)
     _at_least("optim.epochs_per_rollout", cfg.optim.epochs_per_rollout, 1)
     _at_least("optim.micro_batch_size", cfg.optim.micro_batch_size, 0)
+    _at_least("optim.max_tokens_per_micro_batch", cfg.optim.max_tokens_per_micro_batch, 0)
     _at_least("optim.max_skipped_steps", cfg.optim.max_skipped_steps, 1)
     if cfg.data.prompts_per_step % cfg.optim.num_minibatches:
         raise UserInputError(

@@ -27,6 +27,7 @@ from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_
 from kpo_lightning.models import disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import load_reward_fn
+from kpo_lightning.sharded_generation import full_weights_for_generation
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
@@ -164,8 +165,12 @@ class KPOModule(pl.LightningModule):
             return token_logprobs_and_entropy(logits, tokens, temperature=self.rollout_cfg.temperature)
         return token_logprobs(logits, tokens, temperature=self.rollout_cfg.temperature), None
 
-    def _micro_batches(self, rows: Tensor) -> list[Tensor]:
+    def _micro_batches(self, rows: Tensor, seq_len: int) -> list[Tensor]:
+        """Split rows so each forward/backward holds at most `micro_batch_size` rows and
+        `max_tokens_per_micro_batch` tokens (rows x padded length), so long responses fit in memory."""
         size = self.optim_cfg.micro_batch_size or len(rows)
+        if self.optim_cfg.max_tokens_per_micro_batch > 0:
+            size = min(size, max(1, self.optim_cfg.max_tokens_per_micro_batch // seq_len))
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
     @torch.no_grad()
@@ -173,7 +178,8 @@ class KPOModule(pl.LightningModule):
         """pi_old log-probs and entropy for the whole rollout, plus reference log-probs when beta > 0."""
         gen = rollout.generation
         old, ent, ref = [], [], []
-        for rows in self._micro_batches(torch.arange(gen.input_ids.shape[0], device=gen.input_ids.device)):
+        all_rows = torch.arange(gen.input_ids.shape[0], device=gen.input_ids.device)
+        for rows in self._micro_batches(all_rows, gen.input_ids.shape[1]):
             ids, am = gen.input_ids[rows], gen.attention_mask[rows]
             lp, e = self.sequence_logprobs(self.policy, ids, am, gen.prompt_length, with_entropy=True)
             old.append(lp)
@@ -225,30 +231,22 @@ class KPOModule(pl.LightningModule):
                     norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
                 normalizer = norm.item() / world
                 loss_total = torch.zeros((), device=device)
-                for rows in self._micro_batches(mb_rows):
-                    logp, _ = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
-                                                     gen.prompt_length)
-                    opts = dict(self.loss_options, normalizer=normalizer)
-                    if ref_logp is not None:
-                        opts.update(ref_logp=ref_logp[rows], beta=self.loss_cfg.beta,
-                                    kl_estimator=self.loss_cfg.kl_estimator)
-                    loss, metrics = compute_policy_loss(self.loss_cfg.type, logp, old_logp[rows], advantages[rows],
-                                                        mask[rows], **opts)
-                    self.manual_backward(loss)
+                micro_batches = self._micro_batches(mb_rows, gen.input_ids.shape[1])
+                for i, rows in enumerate(micro_batches):
+                    # Under DDP, all-reduce gradients once per optimizer step, on the last micro-batch.
+                    no_sync = getattr(self.trainer.model, "no_sync", None)
+                    sync_ctx = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else nullcontext()
+                    with sync_ctx:
+                        loss, metrics, logp = self._micro_batch_loss(gen, rows, old_logp, advantages, mask, ref_logp,
+                                                                     normalizer)
+                        self.manual_backward(loss)
                     loss_total += loss.detach()
                     weight = float(metrics["num_tokens"])
                     for k, v in metrics.items():  # token-weighted means; counts are summed
                         sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in COUNT_METRICS else weight)
                     n_tokens += weight
                     if off_policy:
-                        raw = (logp.detach() - old_logp[rows]).float()
-                        filtered = causal_kalman_filter(raw, mask[rows], self.diag_kalman["kalman_q"],
-                                                        self.diag_kalman["kalman_v"], self.diag_kalman["kalman_p0"])
-                        self.ratio_var_raw.update(raw, mask[rows])
-                        self.ratio_var_filtered.update(filtered, mask[rows])
-                        self.switch_freq_raw.update(raw, mask[rows])
-                        self.switch_freq_filtered.update(filtered, mask[rows])
-                        last_offpolicy = (raw, filtered, mask[rows])
+                        last_offpolicy = self._update_ratio_metrics(logp.detach() - old_logp[rows], mask[rows])
                 grad_norm = self._step_or_skip(opt, sched, loss_total)
                 grad_norms.append(grad_norm)
                 minibatch_losses.append(float(loss_total))
@@ -279,6 +277,28 @@ class KPOModule(pl.LightningModule):
         self.last_logs = logs  # for callbacks and tests
         self._log_metrics(logs)
         self._log_text_and_figure(rollout, last_offpolicy)
+
+    def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                          ref_logp: Optional[Tensor], normalizer: float) -> tuple[Tensor, dict, Tensor]:
+        logp, _ = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows], gen.prompt_length)
+        opts = dict(self.loss_options, normalizer=normalizer)
+        if ref_logp is not None:
+            opts.update(ref_logp=ref_logp[rows], beta=self.loss_cfg.beta, kl_estimator=self.loss_cfg.kl_estimator)
+        loss, metrics = compute_policy_loss(self.loss_cfg.type, logp, old_logp[rows], advantages[rows], mask[rows],
+                                            **opts)
+        return loss, metrics, logp
+
+    def _update_ratio_metrics(self, raw: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw and filtered ratio diagnostics of an off-policy micro-batch (the filter is recomputed here so
+        that GRPO/GSPO/GMPO runs show what it would have done)."""
+        raw = raw.float()
+        kal = self.diag_kalman
+        filtered = causal_kalman_filter(raw, mask, kal["kalman_q"], kal["kalman_v"], kal["kalman_p0"])
+        self.ratio_var_raw.update(raw, mask)
+        self.ratio_var_filtered.update(filtered, mask)
+        self.switch_freq_raw.update(raw, mask)
+        self.switch_freq_filtered.update(filtered, mask)
+        return raw, filtered, mask
 
     def _step_or_skip(self, opt, sched, loss: Tensor) -> float:
         """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite."""
@@ -317,7 +337,8 @@ class KPOModule(pl.LightningModule):
         )
         # Validation samples from its own seeded RNG: the same prompts get the same draws at every evaluation,
         # and training's RNG stream is untouched (so a resumed run samples exactly what the original would).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                full_weights_for_generation(self.trainer, self.policy):
             torch.manual_seed(self.seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
             rewards = evaluate_batch(self.engine, self.policy, self.tokenizer, batch["prompt"], batch["answer"],
                                      params, self.reward_fn)

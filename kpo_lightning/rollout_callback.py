@@ -7,6 +7,7 @@ from typing import Optional
 import lightning.pytorch as pl
 
 from kpo_lightning.rollout import SamplingParams, make_rollout
+from kpo_lightning.sharded_generation import full_weights_for_generation
 
 
 class RolloutCallback(pl.Callback):
@@ -34,7 +35,11 @@ class RolloutCallback(pl.Callback):
         )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch: dict, batch_idx: int) -> None:
-        batch["rollout"] = make_rollout(
+        with full_weights_for_generation(trainer, pl_module.policy):
+            batch["rollout"] = self._make(pl_module, batch)
+
+    def _make(self, pl_module, batch: dict):
+        return make_rollout(
             pl_module.engine,
             pl_module.policy,
             pl_module.tokenizer,

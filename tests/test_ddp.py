@@ -13,18 +13,22 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gradient.py"
 
 
-def grads(out: Path, world: int, loss: str, agg: str) -> list[dict]:
+def grads(out: Path, world: int, loss: str, agg: str, *extra: str) -> list[dict]:
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), loss, agg],
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), loss, agg, *extra],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"grads-rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("loss, agg", [("kpo", "seq-mean-token-mean"), ("grpo", "token-mean")])
-def test_two_process_gradient_equals_single_process(tmp_path, loss, agg):
-    (single,) = grads(tmp_path / "one", 1, loss, agg)
-    rank0, rank1 = grads(tmp_path / "two", 2, loss, agg)
+@pytest.mark.parametrize("loss, agg, extra", [
+    ("kpo", "seq-mean-token-mean", ()),
+    # two optimizer steps per rollout (the second off-policy) and two micro-batches per step (no_sync path)
+    ("grpo", "token-mean", ("num_minibatches=2", "micro_batch_size=2")),
+])
+def test_two_process_gradient_equals_single_process(tmp_path, loss, agg, extra):
+    (single,) = grads(tmp_path / "one", 1, loss, agg, *extra)
+    rank0, rank1 = grads(tmp_path / "two", 2, loss, agg, *extra)
     assert single.keys() == rank0.keys() == rank1.keys()
     scale = max(g.abs().max().item() for g in single.values())
     assert scale > 1e-4, "the update is not trivial"

@@ -41,6 +41,18 @@ def shard(r: Rollout, rank: int, world: int) -> Rollout:
     return Rollout(gen, r.prompts[rows], r.answers[rows], r.rewards[rows], r.advantages[rows], dict(r.stats))
 
 
+def as_seen_by_two_processes(r: Rollout, num_minibatches: int) -> Rollout:
+    """Reorder groups so one process's mini-batch m is the union of two processes' mini-batches m (each process
+    splits its own half of the groups into mini-batches)."""
+    half, per_mb = GROUPS // 2, GROUPS // 2 // num_minibatches
+    order = [rank * half + m * per_mb + j for m in range(num_minibatches) for rank in range(2) for j in range(per_mb)]
+    rows = torch.tensor([g * G + i for g in order for i in range(G)])
+    g = r.generation
+    gen = Generation(g.input_ids[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_length,
+                     [g.completions[i] for i in rows], g.truncated[rows])
+    return Rollout(gen, r.prompts, r.answers, r.rewards[rows], r.advantages[rows], dict(r.stats))
+
+
 class FixedRollout(RolloutCallback):
     def __init__(self, rollout: Rollout) -> None:
         super().__init__()
@@ -59,20 +71,27 @@ class SaveGrads(pl.Callback):
         torch.save(grads, self.out / f"grads-rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, world: int, loss_type: str, agg: str) -> None:
+def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-true",
+         gradient_checkpointing: bool = False, **optim) -> None:
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = build_tiny_random_model(tok, seed=0)
-    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg),
-                       optim=OptimConfig(lr=1e-3, num_minibatches=1, grad_clip=0.0, warmup_ratio=0.0),
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optim = {"lr": 1e-3, "num_minibatches": 1, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
+    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg), optim=OptimConfig(**optim),
                        rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+    rollout = global_rollout(len(tok))
+    if world == 1:
+        rollout = as_seen_by_two_processes(rollout, optim["num_minibatches"])
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision=precision,
                          max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=[FixedRollout(global_rollout(len(tok))), SaveGrads(out)])
+                         callbacks=[FixedRollout(rollout), SaveGrads(out)])
     trainer.fit(module, train_dataloaders=data)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    extra = {k: int(v) for k, v in (a.split("=") for a in sys.argv[5:])}  # e.g. num_minibatches=2
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], **extra)
