@@ -99,6 +99,8 @@ class RolloutCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Interrupted (Ctrl-C, SIGTERM) or failed: keep what was trained so far, but never a step cut in the
         # middle (its weights are half-updated): then the last periodic checkpoint stays the newest.
+        if type(exception).__name__ == "NonFiniteTrainingError":
+            return  # the weights may be broken: the last periodic checkpoint is the last good one
         if getattr(self, "_mid_step", False):
             print("[kpo] interrupted inside a step: not saved; resume continues from the last checkpoint", flush=True)
             return

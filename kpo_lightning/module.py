@@ -262,6 +262,7 @@ class KPOModule(pl.LightningModule):
             "train/loss": sum(minibatch_losses) / max(len(minibatch_losses), 1),
             "train/lr": sched.get_last_lr()[0],
             "train/skipped_steps": float(self.skipped_steps),
+            "train/skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0),
             "train/tokens_per_second": rollout.stats["generated_tokens"] / max(seconds, 1e-9),
             "train/time_update_s": time.perf_counter() - step_start,
         })
