@@ -13,9 +13,9 @@ from typing import Optional
 @dataclass
 class LoraConfig:
     r: int = 0  # 0 disables LoRA (full fine-tuning)
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: str = "all-linear"
+    alpha: int = 16  # LoRA scaling numerator (lora_alpha)
+    dropout: float = 0.0  # LoRA dropout
+    target_modules: str = "all-linear"  # "all-linear" or comma-separated module names (q_proj,v_proj)
 
 
 @dataclass
@@ -23,25 +23,25 @@ class ModelConfig:
     name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, smollm2
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
     dtype: str = "float32"  # float32, bfloat16, float16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class DataConfig:
     source: str = "arithmetic"  # "arithmetic", a .jsonl/.json/.parquet/.csv file, or a dataset name
-    split: str = "train"
+    split: str = "train"  # split of a hub dataset
     subset: Optional[str] = None  # dataset config name for hub datasets
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str = "prompt"  # record field with the prompt (dotted paths work; chat message lists too)
+    answer_key: str = "answer"  # record field with the reference answer
     prompt_template: str = "{prompt}"  # formats the record's prompt field into the user message
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = None  # a system message (chat template) or a prefix line
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
     prompts_per_step: int = 8  # prompts per rollout step, all processes together (each gets G samples)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
     val_source: Optional[str] = None  # a separate validation source; default: held out from `source`
     val_size: int = 64  # held-out prompts used for validation
-    shuffle: bool = True
+    shuffle: bool = True  # reshuffle finite sources every epoch (seeded)
     streaming: bool = True  # stream hub datasets instead of downloading them whole
     arithmetic_max_operand: int = 99  # built-in task: operands drawn from [0, this]
 
@@ -49,9 +49,9 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     num_generations: int = 8  # G: samples per prompt (the group)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 16  # response length cap; responses cut here are counted (train/truncated_frac)
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
+    top_p: float = 1.0  # nucleus sampling (1.0 = off)
     top_k: int = 0  # 0 disables
     generation_batch_size: int = 0  # sequences per generate() call; 0 = all at once
 
@@ -66,28 +66,28 @@ class RewardConfig:
 class LossConfig:
     type: str = "kpo_clipped"  # grpo, gspo, gmpo, kpo, kpo_clipped
     # None means "the paper's value for this loss type" (see kpo_lightning.losses.LOSS_DEFAULTS)
-    kalman_q: Optional[float] = None
-    kalman_v: Optional[float] = None
-    kalman_p0: Optional[float] = None
-    clip_low: Optional[float] = None
-    clip_high: Optional[float] = None
+    kalman_q: Optional[float] = None  # Q, process noise of the filter (kpo_clipped 1e-6, kpo 1e-4); only Q/V matters
+    kalman_v: Optional[float] = None  # V, observation noise (paper: 1)
+    kalman_p0: Optional[float] = None  # P0, initial state variance (released code: 0)
+    clip_low: Optional[float] = None  # eps_low: ratio clipped below at 1 - eps_low (grpo 0.2, kpo_clipped 3e-4)
+    clip_high: Optional[float] = None  # eps_high: ratio clipped above at 1 + eps_high (grpo 0.2, kpo_clipped 4e-4)
     dual_clip: Optional[float] = None  # 0 disables
-    agg: str = "seq-mean-token-mean"
+    agg: str = "seq-mean-token-mean"  # token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm
     agg_norm_constant: Optional[float] = None  # for seq-mean-token-sum-norm; default max_new_tokens
     beta: float = 0.0  # KL coefficient against the reference snapshot; 0 = no reference model
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k3"  # k1, k2, k3 (Schulman's estimators of KL(pi || ref))
     advantage: str = "grpo"  # grpo, dr_grpo, rloo
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.999)
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
+    lr: float = 1e-6  # AdamW learning rate (peak, after warm-up; constant afterwards)
+    weight_decay: float = 0.1  # on matrices only, not biases or norms
+    betas: tuple = (0.9, 0.999)  # AdamW betas
+    warmup_ratio: float = 0.05  # linear warm-up over this share of all optimizer steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     num_minibatches: int = 4  # optimizer steps per rollout epoch; mini-batches 2.. are off-policy
-    epochs_per_rollout: int = 1
+    epochs_per_rollout: int = 1  # passes over each rollout's mini-batches
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole mini-batch
     max_tokens_per_micro_batch: int = 0  # cap on (rows x padded length) per forward/backward; 0 = no cap
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
@@ -96,25 +96,25 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 100  # rollout steps
-    accelerator: str = "auto"
+    accelerator: str = "auto"  # cpu, gpu, auto (Lightning)
     devices: str = "1"  # an int as a string, "auto", or a list like "0,1"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    log_every_n_steps: int = 1
+    num_nodes: int = 1  # machines (Lightning)
+    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed_stage_2, ... (Lightning strategies)
+    precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true (Lightning)
+    log_every_n_steps: int = 1  # Lightning's own logging interval (our curves log every rollout step)
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 50
-    keep_last: int = 2
+    every_n_steps: int = 50  # save every N rollout steps (and at the end, on Ctrl-C and SIGTERM); 0 = end only
+    keep_last: int = 2  # checkpoints kept in output_dir/checkpoints
 
 
 @dataclass
 class EvalConfig:
     every_n_steps: int = 0  # 0 disables periodic validation (a run still evaluates before and after)
     k: int = 4  # samples per validation prompt (avg@k, pass@k)
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature for avg@k / pass@k
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
 
 
@@ -126,11 +126,11 @@ class LogConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
-    output_dir: str = "outputs/default"
+    seed: int = 0  # seeds sampling, data order and initialisation
+    output_dir: str = "outputs/default"  # config.yaml, checkpoints/, tensorboard/, final/ go here
     resume: Optional[str] = None  # "auto" or a checkpoint path
     mode: str = "train"  # train or eval
-    preset: Optional[str] = None
+    preset: Optional[str] = None  # a file conf/NAME.yaml merged over conf/default.yaml
     debug: bool = False  # show tracebacks for input errors
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

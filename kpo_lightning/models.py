@@ -51,8 +51,16 @@ def _convert_smollm2() -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
         raise UserInputError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: copy its (dequantised) weights
+    # into a plain model built from the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
     tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     return target

@@ -120,7 +120,8 @@ class KPOModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim_cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
         ]
-        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas), fused=fused)
         total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
         warmup = math.ceil(self.optim_cfg.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -168,28 +169,32 @@ class KPOModule(pl.LightningModule):
     def _micro_batches(self, rows: Tensor, seq_len: int) -> list[Tensor]:
         """Split rows so each forward/backward holds at most `micro_batch_size` rows and
         `max_tokens_per_micro_batch` tokens (rows x padded length), so long responses fit in memory."""
-        size = self.optim_cfg.micro_batch_size or len(rows)
+        size = self.optim_cfg.micro_batch_size or max(len(rows), 1)
         if self.optim_cfg.max_tokens_per_micro_batch > 0:
             size = min(size, max(1, self.optim_cfg.max_tokens_per_micro_batch // seq_len))
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
     @torch.no_grad()
-    def _old_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """pi_old log-probs and entropy for the whole rollout, plus reference log-probs when beta > 0."""
+    def _old_logprobs(self, rollout: Rollout, first_row: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """pi_old log-probs and entropy of rows `first_row..` (the rows before it are the first mini-batch, which
+        is on-policy: its training forward supplies them), and reference log-probs of all rows when beta > 0."""
         gen = rollout.generation
-        old, ent, ref = [], [], []
-        all_rows = torch.arange(gen.input_ids.shape[0], device=gen.input_ids.device)
-        for rows in self._micro_batches(all_rows, gen.input_ids.shape[1]):
-            ids, am = gen.input_ids[rows], gen.attention_mask[rows]
-            lp, e = self.sequence_logprobs(self.policy, ids, am, gen.prompt_length, with_entropy=True)
-            old.append(lp)
-            ent.append(e)
-            if self.loss_cfg.beta > 0:
-                ctx = self.policy.disable_adapter() if not self._reference else nullcontext()
-                ref_model = self._reference[0] if self._reference else self.policy
-                with ctx:
-                    ref.append(self.sequence_logprobs(ref_model, ids, am, gen.prompt_length)[0])
-        return torch.cat(old), torch.cat(ent), (torch.cat(ref) if ref else None)
+        n, width = gen.response_mask.shape
+        old = torch.zeros(n, width, device=gen.input_ids.device)
+        ent = torch.zeros(n, width, device=gen.input_ids.device)
+        ref = torch.zeros(n, width, device=gen.input_ids.device) if self.loss_cfg.beta > 0 else None
+        all_rows = torch.arange(n, device=gen.input_ids.device)
+        for rows in self._micro_batches(all_rows[first_row:], gen.input_ids.shape[1]):
+            old[rows], ent[rows] = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
+                                                          gen.prompt_length, with_entropy=True)
+        if ref is not None:
+            ctx = self.policy.disable_adapter() if not self._reference else nullcontext()
+            ref_model = self._reference[0] if self._reference else self.policy
+            with ctx:
+                for rows in self._micro_batches(all_rows, gen.input_ids.shape[1]):
+                    ref[rows] = self.sequence_logprobs(ref_model, gen.input_ids[rows], gen.attention_mask[rows],
+                                                       gen.prompt_length)[0]
+        return old, ent, ref
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -201,7 +206,6 @@ class KPOModule(pl.LightningModule):
         device = gen.input_ids.device
         mask = gen.response_mask
         advantages = rollout.advantages.to(device)
-        old_logp, entropy, ref_logp = self._old_logprobs(rollout)
 
         n_rows, group = gen.input_ids.shape[0], self.rollout_cfg.num_generations
         n_groups = n_rows // group
@@ -211,6 +215,7 @@ class KPOModule(pl.LightningModule):
                 "process holds per rollout (data.prompts_per_step / processes): groups are never split"
             )
         rows_per_mb = n_groups // self.optim_cfg.num_minibatches * group
+        old_logp, entropy, ref_logp = self._old_logprobs(rollout, first_row=rows_per_mb)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         world = self.trainer.world_size
@@ -237,8 +242,8 @@ class KPOModule(pl.LightningModule):
                     no_sync = getattr(self.trainer.model, "no_sync", None)
                     sync_ctx = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else nullcontext()
                     with sync_ctx:
-                        loss, metrics, logp = self._micro_batch_loss(gen, rows, old_logp, advantages, mask, ref_logp,
-                                                                     normalizer)
+                        loss, metrics, logp = self._micro_batch_loss(gen, rows, old_logp, entropy, advantages, mask,
+                                                                     ref_logp, normalizer, on_policy=not off_policy)
                         self.manual_backward(loss)
                     loss_total += loss.detach()
                     weight = float(metrics["num_tokens"])
@@ -279,9 +284,16 @@ class KPOModule(pl.LightningModule):
         self._log_metrics(logs)
         self._log_text_and_figure(rollout, last_offpolicy)
 
-    def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                          ref_logp: Optional[Tensor], normalizer: float) -> tuple[Tensor, dict, Tensor]:
-        logp, _ = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows], gen.prompt_length)
+    def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, entropy: Tensor, advantages: Tensor,
+                          mask: Tensor, ref_logp: Optional[Tensor], normalizer: float,
+                          on_policy: bool) -> tuple[Tensor, dict, Tensor]:
+        """Loss of one micro-batch. On the first (on-policy) mini-batch pi_old is the current policy, so its
+        log-probs and entropy are taken from this forward instead of a separate no-grad pass."""
+        logp, ent = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
+                                           gen.prompt_length, with_entropy=on_policy)
+        if on_policy:
+            old_logp[rows] = logp.detach()
+            entropy[rows] = ent
         opts = dict(self.loss_options, normalizer=normalizer)
         if ref_logp is not None:
             opts.update(ref_logp=ref_logp[rows], beta=self.loss_cfg.beta, kl_estimator=self.loss_cfg.kl_estimator)
