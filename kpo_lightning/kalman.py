@@ -7,11 +7,13 @@ Each row's valid tokens are filtered in order, from a fresh start (rho_0 = x0, P
 Because Q and V are constants, the gain K depends only on Q/V, P0/V and the rank of the token among
 the row's valid tokens, never on the data. So every row shares one gain schedule and the filter is
 the linear recurrence ``rho_k = a_k rho_{k-1} + b_k z_k`` (a = 1 - K, b = K) over ranks. We run it as
-an exact two-level chunked scan:
+an exact hierarchical chunked scan, with no loop over tokens:
 
-1. ranks are cut into blocks of C; inside block n, ``rho = L_n z + d_n * rho_before_block`` where
-   ``L_n[i, j] = b_j prod_{u=j+1..i} a_u`` and ``d_n[i] = prod_{u<=i} a_u`` -- one batched matmul;
-2. the state entering each block is the same kind of linear map over the block ends -- one matmul.
+1. ranks are cut into blocks of C = 16; inside block n, ``rho = L_n z + d_n * rho_before_block`` with
+   ``L_n[i, j] = b_j prod_{u=j+1..i} a_u`` and ``d_n[i] = prod_{u<=i} a_u`` -- one batched matmul
+   gives every block's states from a zero start;
+2. the state entering each block obeys the same kind of recurrence over the block ends (a = the
+   block's product of a, b = 1), solved the same way on 16x fewer elements, down to one dense block.
 
 All operator entries are products of factors in (0, 1], built in float64 as exp of sums of
 log(1 - K) (sums of same-sign terms, so no cancellation and no division by a vanishing cumulative
@@ -20,7 +22,8 @@ for any Q/V from 1e-10 to 1e2 and rows of any length.
 
 Masked tokens are skipped (holes anywhere, not only right padding): valid tokens are compacted to
 the left of their row, filtered, and gathered back; masked outputs are 0. No gradient flows.
-Valid inputs must be finite: a NaN/inf valid input spoils the rest of its row and its own block.
+Masked inputs may hold anything (NaN included). A NaN or inf among a row's *valid* inputs spoils that
+row's outputs, also before it (never other rows); the raw ratio makes the loss non-finite then anyway.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 from torch import Tensor
 
 _GROUP_TOKENS = 1 << 19  # on CPU, rows are filtered in groups of about this many tokens (see _scratch)
+_BLOCK = 16  # block length of the chunked scan at every level
+_DENSE = 128  # the coarsest level is one dense block of at most this many block ends
 _scratch_store = threading.local()
 
 
@@ -84,9 +89,8 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _chunk_size(n: int) -> int:
-    """Block length C for a padded length n: about sqrt(n)/2, in [8, 128] (balances the two matmuls)."""
-    return min(128, max(8, _pow2(int(math.sqrt(n) / 2))))
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def _segment_log_products(log_a: Tensor) -> Tensor:
@@ -96,34 +100,58 @@ def _segment_log_products(log_a: Tensor) -> Tensor:
     """
     C = log_a.shape[-1]
     lower = torch.ones(C, C, dtype=torch.bool).tril()
-    # x[..., i, u] = log_a[u] for 1 <= u <= i; out[..., i, j] = sum_{u > j} x[..., i, u]
+    # x[..., i, u] = log_a[u] for u <= i; out[..., i, j] = sum_{u > j} x[..., i, u]
     x = torch.where(lower, log_a.unsqueeze(-2), 0.0)
     suffix = x.flip(-1).cumsum(-1).flip(-1)  # suffix[..., i, j] = sum_{u >= j} x[..., i, u]
     within = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)
     return within.masked_fill(~lower, float("-inf"))
 
 
-@functools.lru_cache(maxsize=8)
-def _scan_operators(
-    qv: float, p0v: float, nb: int, C: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Operators for ranks 0..nb*C-1 in nb blocks of C, cast to (dtype, device).
+def _block_operators(log_a: Tensor, b: Tensor, inclusive: bool) -> tuple[Tensor, Tensor]:
+    """Per block (float64), the map from the block's inputs and entering state to its states.
 
-    Returns (LT, d, M, g): LT (nb, C, C) with LT[n] = L_n^T; d (nb, C) the within-block decay
-    prod_{u<=i} a_u; M (nb, nb) strictly lower, M[n, m] = prod of a over blocks m+1..n-1 (maps the
-    block-local end values to the state entering block n); g (nb,) = prod of a over blocks < n (how
-    much of x0 survives into block n).
+    For a recurrence s_i = a_i s_{i-1} + b_i u_i cut into blocks (log_a, b: (nb, C)), the states inside
+    block n are L[n] @ u_block + d[n] * s_entering, with L[n][i, j] = b_j prod_{u=j+1..i} a_u (j <= i)
+    and d[n][i] = prod_{u<=i} a_u. With inclusive=False they are instead the states *before* each
+    element (rows shifted down by one: s_{i-1}), which is what a coarser level hands to a finer one,
+    and L gets one more row, the block's own end state (from a zero start), for the next level down.
     """
-    log_a, b = _gain_schedule(qv, p0v, _pow2(nb * C))
-    log_a_blk, b_blk = log_a[: nb * C].view(nb, C), b[: nb * C].view(nb, C)
-    L = torch.exp(_segment_log_products(log_a_blk)) * b_blk.unsqueeze(-2)
-    d = torch.exp(log_a_blk.cumsum(-1))
-    block_log = log_a_blk.sum(-1)
-    seg = _segment_log_products(block_log)  # seg[n, m] = sum_{k=m+1..n} block_log[k], -inf above
-    M = torch.exp(torch.cat([torch.full((1, nb), float("-inf"), dtype=torch.float64), seg[:-1]], dim=0))
-    g = torch.exp(torch.cat([torch.zeros(1, dtype=torch.float64), block_log.cumsum(0)[:-1]]))
-    to = dict(dtype=dtype, device=device)
-    return L.transpose(1, 2).contiguous().to(**to), d.unsqueeze(1).to(**to), M.to(**to), g.unsqueeze(1).to(**to)
+    L = torch.exp(_segment_log_products(log_a)) * b.unsqueeze(-2)
+    d = torch.exp(log_a.cumsum(-1))
+    if not inclusive:
+        L = torch.cat([torch.zeros_like(L[:, :1]), L], dim=1)  # rows: s_{-1}..s_{C-1}, zero start
+        d = torch.cat([torch.ones_like(d[:, :1]), d[:, :-1]], dim=1)
+    return L, d
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
+    """Operators of the hierarchical scan over ranks 0..width-1, cast to (dtype, device).
+
+    Level 0 cuts the ranks into blocks of C and gives the filtered values (inclusive). Each further
+    level runs the same recurrence over the previous level's block ends -- a_n = the block's product of
+    a, b_n = 1 -- in blocks of _BLOCK, and gives the state entering each block (exclusive); the last
+    level is a single dense block of at most _DENSE elements. Level 0 is (LT, d) with LT = L^T and d
+    shaped (nb, 1, C) for the row-major batch; deeper levels are (L, d) with d shaped (nb, C, 1).
+    """
+    log_a, b = _gain_schedule(qv, p0v, _pow2(width))
+    log_a, b = log_a[:width], b[:width]
+    levels = []
+    while True:
+        nb = log_a.numel() // C
+        L, d = _block_operators(log_a.view(nb, C), b.view(nb, C), inclusive=not levels)
+        if not levels:
+            levels.append((L.transpose(1, 2).contiguous(), d.unsqueeze(1)))
+        else:
+            levels.append((L if nb > 1 else L[:, :C], d.unsqueeze(2)))  # the last level has no next
+        if nb == 1:
+            break
+        # next level: the block ends, padded with neutral steps (a = 1, b = 0) to whole blocks
+        C = nb if nb <= _DENSE else _BLOCK
+        n = _round_up(nb, C)
+        log_a = torch.cat([log_a.view(nb, -1).sum(1), log_a.new_zeros(n - nb)])
+        b = torch.cat([b.new_ones(nb), b.new_zeros(n - nb)])
+    return tuple((L.to(dtype=dtype, device=device), d.to(dtype=dtype, device=device)) for L, d in levels)
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,20 +160,39 @@ def _odd_weights(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.arange(1, 2 * T, 2, dtype=dtype, device=device)
 
 
-def _scan(buf: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tensor], x0: float, out: Tensor) -> None:
-    """Write into out (R, nb*C) the rows of buf (R, nb*C) filtered from rank 0. buf must be finite.
+def _scan(buf: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
+    """Write into out (R, width) the rows of buf (R, width) filtered from rank 0. buf must be finite.
 
     buf and out may be row-strided views, and may be the same memory (buf is read only by the bmm).
     """
-    LT, d, M, g = ops
+    LT, d = plan[0]
     nb, C, _ = LT.shape
     R = buf.shape[0]
     y = _scratch("y", (nb, R, C), buf.dtype, buf.device)
     torch.bmm(buf.view(R, nb, C).transpose(0, 1), LT, out=y)  # (nb, R, C): each block from a zero start
-    carry = M @ y[:, :, C - 1]  # (nb, R): the state entering each block
-    if x0 != 0.0:
-        carry.add_(g, alpha=x0)
-    torch.addcmul(y, d, carry.unsqueeze(-1), out=out.view(R, nb, C).transpose(0, 1))
+    out_blocks = out.view(R, nb, C).transpose(0, 1)
+    if nb == 1:
+        torch.add(y, d, alpha=x0, out=out_blocks)
+    else:
+        entering = _entering_states(y[:, :, C - 1], plan[1:], x0)  # (nb, R)
+        torch.addcmul(y, d, entering.unsqueeze(-1), out=out_blocks)
+
+
+def _entering_states(ends: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float) -> Tensor:
+    """The state entering each block (n, R), from the blocks' local end states ends (n, R) (column per row).
+
+    Same scheme one level down, on (n/C)-times fewer elements: blocks of the block ends.
+    """
+    L, d = plan[0]
+    nb, C = d.shape[:2]
+    n, R = ends.shape
+    if nb * C != n:
+        ends = torch.nn.functional.pad(ends, (0, 0, 0, nb * C - n))
+    y = torch.bmm(L, ends.reshape(nb, C, R))  # states before each element (and each block's end)
+    if nb == 1:
+        return y.add_(d, alpha=x0).view(C, R)[:n]
+    states = y[:, :C].addcmul_(d, _entering_states(y[:, C, :], plan[1:], x0).unsqueeze(1))
+    return states.reshape(nb * C, R)[:n]
 
 
 def _is_right_padded(mf: Tensor) -> bool:
@@ -162,7 +209,7 @@ def _is_right_padded(mf: Tensor) -> bool:
     return torch.equal(mf @ _odd_weights(T, mf.dtype, mf.device), n * n)
 
 
-def _filter_rows(z: Tensor, m8: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tensor], x0: float, out: Tensor) -> None:
+def _filter_rows(z: Tensor, m8: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
     """Filter rows z (R, T) with 0/1 uint8 mask m8 into out (R, T, contiguous); masked outputs are 0.
 
     Right-padded rows: rank = position, and masked inputs come after every valid one, so they reach
@@ -172,18 +219,18 @@ def _filter_rows(z: Tensor, m8: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tenso
     Scan in place, zero the junk, and gather back with the same slots: masked outputs read 0.
     """
     R, T = z.shape
-    nb, C, _ = ops[0].shape
+    nb, C, _ = plan[0][0].shape
     width = nb * C  # T rounded up to whole blocks
     mf = _scratch("mask", (R, T), z.dtype, z.device).copy_(m8)  # from uint8: bool -> float is slower
     if _is_right_padded(mf):
         if width == T:
-            _scan(z, ops, x0, out)
+            _scan(z, plan, x0, out)
             out.mul_(mf)
         else:
             padded = _scratch("buf", (R, width), z.dtype, z.device)
             padded[:, :T].copy_(z)
             padded[:, T:].zero_()
-            _scan(padded, ops, x0, padded)
+            _scan(padded, plan, x0, padded)
             torch.mul(padded[:, :T], mf, out=out)
         return
     J = -(-(T + 1) // 16) * 16  # keeps the scan region 64-byte aligned
@@ -193,7 +240,7 @@ def _filter_rows(z: Tensor, m8: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tenso
     torch.cumsum(m8, 1, dtype=torch.int64, out=slot).add_(m8, alpha=J - 1)
     buf.scatter_(1, slot, z)
     buf[:, :J].zero_()  # masked inputs landed here; they may be NaN
-    _scan(buf[:, J:], ops, x0, buf[:, J:])
+    _scan(buf[:, J:], plan, x0, buf[:, J:])
     torch.gather(buf, 1, slot, out=out)
 
 
@@ -221,11 +268,11 @@ def causal_kalman_filter(
     m8 = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
     if not bool(z.sum().isfinite()):
         z = torch.where(m8.bool(), z, z.new_zeros(()))  # NaN/inf padding must not meet the matmul
-    C = _chunk_size(_pow2(T))
-    ops = _scan_operators(float(q) / float(v), float(p0) / float(v), -(-T // C), C, dtype, z.device)
+    C = _BLOCK if T > _BLOCK else _round_up(T, 8)
+    plan = _scan_plan(float(q) / float(v), float(p0) / float(v), _round_up(T, C), C, dtype, z.device)
     rows = max(1, _GROUP_TOKENS // T) if z.device.type == "cpu" else B
     for i in range(0, B, rows):
-        _filter_rows(z[i : i + rows], m8[i : i + rows], ops, float(x0), out[i : i + rows])
+        _filter_rows(z[i : i + rows], m8[i : i + rows], plan, float(x0), out[i : i + rows])
     return out.to(out_dtype)
 
 
