@@ -56,9 +56,11 @@ def check_inputs(cfg: Config):
     from kpo_lightning.models import check_model_source
     from kpo_lightning.rewards import load_reward_fn
 
-    sources = cfg.data.source.split(",") if cfg.mode == "eval" else [cfg.data.source]
-    for source in sources:  # eval mode takes several datasets, comma-separated
-        PromptDataModule.check_source(dataclasses.replace(cfg.data, source=source.strip()))
+    if cfg.mode == "eval":  # several datasets, comma-separated, each read whole as validation data
+        for source in cfg.data.source.split(","):
+            PromptDataModule.check_source(dataclasses.replace(cfg.data, source=source.strip(), val_source=source.strip()))
+    else:
+        PromptDataModule.check_source(cfg.data)
     check_model_source(cfg.model)
     return load_reward_fn(cfg.reward.fn)
 

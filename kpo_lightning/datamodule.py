@@ -476,6 +476,11 @@ class PromptDataModule(pl.LightningDataModule):
             records = _read_file(Path(source).expanduser(), cfg)
             where, first = records[0]
             _extract(first, where, cfg)
+            if key == "data.source" and cfg.val_source is None and len(records) <= cfg.val_size:
+                raise UserInputError(
+                    f"data.source={source!r} has {len(records)} records and data.val_size={cfg.val_size} holds out "
+                    "all of them, leaving none to train on; lower data.val_size (e.g. 0) or set data.val_source"
+                )
             files[source] = records
         return files
 

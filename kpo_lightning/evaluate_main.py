@@ -25,14 +25,7 @@ def run_eval(cfg: Config, reward_fn: Callable[..., float]) -> int:
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
     model.to(device)
-    params = SamplingParams(
-        num_samples=cfg.eval.k,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        temperature=cfg.eval.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        batch_size=cfg.rollout.generation_batch_size,
-    )
+    params = SamplingParams.for_eval(cfg.rollout, cfg.eval)
     engine = HFGenerateEngine()
     results = {}
     for source in [s.strip() for s in cfg.data.source.split(",") if s.strip()]:

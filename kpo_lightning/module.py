@@ -340,14 +340,7 @@ class KPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        params = SamplingParams(
-            num_samples=self.eval_cfg.k,
-            max_new_tokens=self.eval_cfg.max_new_tokens or self.rollout_cfg.max_new_tokens,
-            temperature=self.eval_cfg.temperature,
-            top_p=self.rollout_cfg.top_p,
-            top_k=self.rollout_cfg.top_k,
-            batch_size=self.rollout_cfg.generation_batch_size,
-        )
+        params = SamplingParams.for_eval(self.rollout_cfg, self.eval_cfg)
         # Validation samples from its own seeded RNG: the same prompts get the same draws at every evaluation,
         # and training's RNG stream is untouched (so a resumed run samples exactly what the original would).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \

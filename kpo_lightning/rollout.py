@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from kpo_lightning.advantages import group_advantages
+from kpo_lightning.config import EvalConfig, RolloutConfig
 from kpo_lightning.rewards import score_completions
 
 
@@ -28,6 +29,17 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 0  # sequences per generate() call; 0 = all at once
+
+    @classmethod
+    def for_training(cls, rollout: RolloutConfig) -> "SamplingParams":
+        return cls(rollout.num_generations, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
+                   rollout.top_k, rollout.generation_batch_size)
+
+    @classmethod
+    def for_eval(cls, rollout: RolloutConfig, eval: EvalConfig) -> "SamplingParams":
+        """k samples per prompt at the evaluation temperature; length and nucleus settings as in training."""
+        return cls(eval.k, eval.max_new_tokens or rollout.max_new_tokens, eval.temperature, rollout.top_p,
+                   rollout.top_k, rollout.generation_batch_size)
 
 
 @dataclass

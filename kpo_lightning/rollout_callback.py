@@ -24,15 +24,7 @@ class RolloutCallback(pl.Callback):
     def sampling_params(self, pl_module) -> SamplingParams:
         if self.params is not None:
             return self.params
-        cfg = pl_module.rollout_cfg
-        return SamplingParams(
-            num_samples=cfg.num_generations,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            batch_size=cfg.generation_batch_size,
-        )
+        return SamplingParams.for_training(pl_module.rollout_cfg)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch: dict, batch_idx: int) -> None:
         with full_weights_for_generation(trainer, pl_module.policy):

@@ -65,8 +65,12 @@ def test_data_errors(capsys, tmp_path):
     assert_one_line_error(*run_main(capsys, f"data.source={bad}"), str(bad), "2")
 
     nofield = tmp_path / "nofield.jsonl"
-    nofield.write_text('{"question": "1+1=", "answer": "2"}\n')
+    nofield.write_text('{"q": "1+1=", "a": "2"}\n')
     assert_one_line_error(*run_main(capsys, f"data.source={nofield}"), str(nofield), "prompt")
+
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 3)
+    assert_one_line_error(*run_main(capsys, f"data.source={few}", "data.val_size=5"), "data.val_size=5")
 
 
 def test_model_path_that_is_not_a_model(capsys, tmp_path):
