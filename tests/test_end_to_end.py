@@ -64,3 +64,24 @@ def test_run_py_few_steps_writes_tensorboard_and_final_model(char_tokenizer, tin
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.vocab_size == tiny_model.config.vocab_size
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.ckpt", "step-000004.ckpt"]
+
+
+def test_export_a_checkpoint_to_a_hf_folder(char_tokenizer, tiny_model, tmp_path):
+    from kpo_lightning.checkpointing import RolloutCheckpoint
+    from kpo_lightning.export import load_policy_weights, save_hf_folder
+    from kpo_lightning.tiny_models import build_tiny_random_model
+
+    module = KPOModule(tiny_model, char_tokenizer, optim=OptimConfig(lr=1e-2, num_minibatches=2),
+                       rollout=RolloutConfig(num_generations=4, max_new_tokens=6),
+                       reward_fn=lambda prompt, completion, answer: float(len(completion) % 2))
+    data = PromptDataModule(DataConfig(prompts_per_step=4, val_size=4), tokenizer=char_tokenizer)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[RolloutCheckpoint(tmp_path / "ckpt", every_n_steps=2)])
+    trainer.fit(module, datamodule=data)
+    fresh = build_tiny_random_model(char_tokenizer, seed=123)
+    out = save_hf_folder(load_policy_weights(fresh, tmp_path / "ckpt" / "step-000002.ckpt"), char_tokenizer,
+                         tmp_path / "exported")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

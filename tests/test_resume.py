@@ -99,3 +99,22 @@ def test_sigkill_then_resume_auto_finishes(setup):
     assert (out / "final" / "model.safetensors").exists()
     steps = sorted(s for s, _ in rewards_by_step(out))
     assert steps[-1] == 12 and len(set(steps)) == 12
+
+
+def test_sigterm_saves_between_steps_and_exits(setup):
+    out = setup / "terminated"
+    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=200", "checkpoint.every_n_steps=0")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    tb = out / "tensorboard"
+    while time.time() < deadline and not (tb.exists() and any(tb.iterdir())) and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(3.0)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert not (out / "final").exists()  # stopped, not finished
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 1, output[-2000:]  # no periodic saves: this one was written on SIGTERM
+    step = int(ckpts[0].stem.split("-")[1])
+    assert 0 < step < 200
+    assert f"saved {ckpts[0]}" in output
