@@ -79,7 +79,7 @@ def test_resume_auto_without_checkpoint_starts_fresh(setup, capsys):
 
 def test_sigkill_then_resume_auto_finishes(setup):
     out = setup / "killed"
-    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=12", "checkpoint.every_n_steps=1",
+    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=60", "checkpoint.every_n_steps=1",
                                           "checkpoint.keep_last=2")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -87,7 +87,7 @@ def test_sigkill_then_resume_auto_finishes(setup):
     while time.time() < deadline and len(list_checkpoints(out / "checkpoints")) < 2 and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.3)  # likely mid-step, maybe mid-save
+    time.sleep(0.1)  # likely mid-step, maybe mid-save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = list_checkpoints(out / "checkpoints")[-1]
@@ -98,7 +98,7 @@ def test_sigkill_then_resume_auto_finishes(setup):
     assert f"continuing from {killed_at}" in done.stdout
     assert (out / "final" / "model.safetensors").exists()
     steps = sorted(s for s, _ in rewards_by_step(out))
-    assert steps[-1] == 12 and len(set(steps)) == 12
+    assert steps[-1] == 60 and len(set(steps)) == 60
 
 
 def test_sigterm_saves_between_steps_and_exits(setup):
