@@ -219,8 +219,8 @@ class KPOModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         world = self.trainer.world_size
-        sums: dict[str, float] = {}
-        n_tokens = 0.0
+        sums: dict[str, Tensor] = {}  # kept on the device: one sync at the end of the step, not per micro-batch
+        n_tokens = torch.zeros((), device=device)
         grad_norms: list[float] = []
         minibatch_losses: list[float] = []
         last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
@@ -246,9 +246,9 @@ class KPOModule(pl.LightningModule):
                                                                      ref_logp, normalizer, on_policy=not off_policy)
                         self.manual_backward(loss)
                     loss_total += loss.detach()
-                    weight = float(metrics["num_tokens"])
+                    weight = metrics["num_tokens"].to(device)
                     for k, v in metrics.items():  # token-weighted means; counts are summed
-                        sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in COUNT_METRICS else weight)
+                        sums[k] = sums.get(k, 0.0) + v.to(device) * (1.0 if k in COUNT_METRICS else weight)
                     n_tokens += weight
                     if off_policy:
                         last_offpolicy = self._update_ratio_metrics(logp.detach() - old_logp[rows], mask[rows])
@@ -259,7 +259,8 @@ class KPOModule(pl.LightningModule):
         self.rollout_step += 1
         seconds = time.perf_counter() - step_start + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"]
         logs = {f"train/{k}": v for k, v in rollout.stats.items()}
-        logs.update({f"train/{k}": v if k in COUNT_METRICS else v / max(n_tokens, 1.0) for k, v in sums.items()})
+        n_tokens = n_tokens.clamp(min=1.0)
+        logs.update({f"train/{k}": (v if k in COUNT_METRICS else v / n_tokens).item() for k, v in sums.items()})
         valid = mask.sum().clamp(min=1)
         logs.update({
             "train/entropy": ((entropy * mask).sum() / valid).item(),
