@@ -35,28 +35,37 @@ import threading
 import torch
 from torch import Tensor
 
-_GROUP_TOKENS = 1 << 19  # on CPU, rows are filtered in groups of about this many tokens (see _scratch)
+# On CPU, rows are filtered in groups of about this many tokens (bounds the scratch memory, see _scratch;
+# the sizes that ran fastest on a 2-core machine: the compaction for holes is memory-bound)
+_PADDED_GROUP_TOKENS = 1 << 20
+_HOLEY_GROUP_TOKENS = 1 << 19
 _BLOCK = 16  # block length of the chunked scan at every level
 _DENSE = 128  # the coarsest level is one dense block of at most this many block ends
 _scratch_store = threading.local()
 
 
-def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised temporary of the given shape, reused across calls on CPU.
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> Tensor:
+    """A temporary of the given shape, reused across calls on CPU; zero-filled when first made if zeroed.
 
-    Fresh multi-megabyte CPU allocations are returned to the OS on free and page-fault back in on
-    first touch, which costs more than the filter's arithmetic; keeping one buffer per slot, thread
-    and dtype (at most a few tens of MB, see _GROUP_TOKENS) avoids that. Other devices have caching
-    allocators and get a plain torch.empty.
+    Fresh multi-megabyte CPU allocations are often returned to the OS on free and page-fault back in
+    on first touch, which costs more than the filter's arithmetic; keeping one buffer per slot, thread
+    and dtype avoids that. They hold about 28 bytes per token of a row group (see _HOLEY_GROUP_TOKENS)
+    plus 4 per token of the largest batch: some 30 MB for 256 x 4096. Other devices have caching
+    allocators and get a fresh tensor every time.
     """
-    numel = math.prod(shape)
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
     buffers = _scratch_store.__dict__.setdefault("buffers", {})
     buf = buffers.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        buf = buffers[(slot, dtype)] = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype)
     return buf[:numel].view(shape)
+
+
+def _drop_scratch(slot: str, dtype: torch.dtype) -> None:
+    """Forget a scratch buffer, so that the next call makes a fresh one."""
+    _scratch_store.__dict__.get("buffers", {}).pop((slot, dtype), None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,7 +133,7 @@ def _block_operators(log_a: Tensor, b: Tensor, inclusive: bool) -> tuple[Tensor,
     return L, d
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
     """Operators of the hierarchical scan over ranks 0..width-1, cast to (dtype, device).
 
@@ -133,6 +142,8 @@ def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, de
     a, b_n = 1 -- in blocks of _BLOCK, and gives the state entering each block (exclusive); the last
     level is a single dense block of at most _DENSE elements. Level 0 is (LT, d) with LT = L^T and d
     shaped (nb, 1, C) for the row-major batch; deeper levels are (L, d) with d shaped (nb, C, 1).
+    Every operator depends on positions only, so leading blocks (and the leading corner of the last
+    dense block) serve any shorter length: one plan per power-of-two width is enough.
     """
     log_a, b = _gain_schedule(qv, p0v, _pow2(width))
     log_a, b = log_a[:width], b[:width]
@@ -143,7 +154,7 @@ def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, de
         if not levels:
             levels.append((L.transpose(1, 2).contiguous(), d.unsqueeze(1)))
         else:
-            levels.append((L if nb > 1 else L[:, :C], d.unsqueeze(2)))  # the last level has no next
+            levels.append((L if nb > 1 else L[:, :C], d.unsqueeze(2)))  # the last level has no next one
         if nb == 1:
             break
         # next level: the block ends, padded with neutral steps (a = 1, b = 0) to whole blocks
@@ -155,89 +166,98 @@ def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, de
 
 
 @functools.lru_cache(maxsize=8)
-def _odd_weights(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """1, 3, 5, ..., 2T-1 as a (T,) tensor (cached: used on every call)."""
-    return torch.arange(1, 2 * T, 2, dtype=dtype, device=device)
+def _count_weights(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Rows 1, 1, ..., 1 and 1, 3, 5, ..., 2T-1: a (2, T) tensor (cached: used on every call)."""
+    return torch.stack([torch.ones(T, dtype=dtype), torch.arange(1, 2 * T, 2, dtype=dtype)]).to(device)
 
 
 def _scan(buf: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
     """Write into out (R, width) the rows of buf (R, width) filtered from rank 0. buf must be finite.
 
-    buf and out may be row-strided views, and may be the same memory (buf is read only by the bmm).
+    width is a multiple of the plan's block length. buf and out may be row-strided views, and may be
+    the same memory (buf is read only by the bmm).
     """
     LT, d = plan[0]
-    nb, C, _ = LT.shape
-    R = buf.shape[0]
+    C = LT.shape[1]
+    R, width = buf.shape
+    nb = width // C
     y = _scratch("y", (nb, R, C), buf.dtype, buf.device)
-    torch.bmm(buf.view(R, nb, C).transpose(0, 1), LT, out=y)  # (nb, R, C): each block from a zero start
+    torch.bmm(buf.view(R, nb, C).transpose(0, 1), LT[:nb], out=y)  # (nb, R, C): blocks from a zero start
     out_blocks = out.view(R, nb, C).transpose(0, 1)
     if nb == 1:
-        torch.add(y, d, alpha=x0, out=out_blocks)
+        torch.add(y, d[:1], alpha=x0, out=out_blocks)
     else:
         entering = _entering_states(y[:, :, C - 1], plan[1:], x0)  # (nb, R)
-        torch.addcmul(y, d, entering.unsqueeze(-1), out=out_blocks)
+        torch.addcmul(y, d[:nb], entering.unsqueeze(-1), out=out_blocks)
 
 
 def _entering_states(ends: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float) -> Tensor:
     """The state entering each block (n, R), from the blocks' local end states ends (n, R) (column per row).
 
-    Same scheme one level down, on (n/C)-times fewer elements: blocks of the block ends.
+    Same scheme one level down, on C-times fewer elements: blocks of the block ends.
     """
     L, d = plan[0]
-    nb, C = d.shape[:2]
     n, R = ends.shape
+    if L.shape[0] == 1:  # the last level: the leading n x n corner of one dense block
+        return torch.mm(L[0, :n, :n], ends).add_(d[0, :n], alpha=x0)
+    C = d.shape[1]
+    nb = -(-n // C)
     if nb * C != n:
         ends = torch.nn.functional.pad(ends, (0, 0, 0, nb * C - n))
-    y = torch.bmm(L, ends.reshape(nb, C, R))  # states before each element (and each block's end)
-    if nb == 1:
-        return y.add_(d, alpha=x0).view(C, R)[:n]
-    states = y[:, :C].addcmul_(d, _entering_states(y[:, C, :], plan[1:], x0).unsqueeze(1))
+    y = torch.bmm(L[:nb], ends.reshape(nb, C, R))  # states before each element, and each block's end
+    states = y[:, :C].addcmul_(d[:nb], _entering_states(y[:, C, :], plan[1:], x0).unsqueeze(1))
     return states.reshape(nb * C, R)[:n]
 
 
 def _is_right_padded(mf: Tensor) -> bool:
-    """True iff every row of the 0/1 mask mf (R, T) is valid exactly on a prefix.
+    """True iff every row of the 0/1 mask mf (B, T) is valid exactly on a prefix.
 
     A row with n valid tokens has sum_t m_t (2t + 1) >= 1 + 3 + ... + (2n - 1) = n^2, with equality
-    only when the valid tokens are the first n. Two reductions, exact: every partial sum is an integer
-    below 2**24 (float32, T <= 4096) or 2**53 (float64).
+    only when the valid tokens are the first n. One matmul gives n and that sum for every row, exactly:
+    every partial sum is an integer below 2**24 (float32, T <= 4096) or 2**53 (float64).
     """
     T = mf.shape[1]
     if T > 4096 and mf.dtype != torch.float64:
         mf = mf.double()
-    n = mf.sum(1)
-    return torch.equal(mf @ _odd_weights(T, mf.dtype, mf.device), n * n)
+    n, weighted = torch.mm(_count_weights(T, mf.dtype, mf.device), mf.t())
+    return torch.equal(weighted, n * n)
 
 
-def _filter_rows(z: Tensor, m8: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
-    """Filter rows z (R, T) with 0/1 uint8 mask m8 into out (R, T, contiguous); masked outputs are 0.
+def _filter_padded_rows(z: Tensor, mf: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
+    """Right-padded rows z (R, T) with 0/1 float mask mf into out (R, T, contiguous); z must be finite.
 
-    Right-padded rows: rank = position, and masked inputs come after every valid one, so they reach
-    only masked outputs, which the final multiply zeroes (z must then be finite).
-    Rows with holes: one buffer per row, [J junk slots | scan slots]. Valid tokens go to slot
-    J + rank (rank = count - 1), masked ones to slot count <= T < J, so no two valid tokens collide.
-    Scan in place, zero the junk, and gather back with the same slots: masked outputs read 0.
+    Rank = position, and the masked inputs come after every valid one, so they reach only masked
+    outputs, which the final multiply zeroes.
     """
     R, T = z.shape
-    nb, C, _ = plan[0][0].shape
-    width = nb * C  # T rounded up to whole blocks
-    mf = _scratch("mask", (R, T), z.dtype, z.device).copy_(m8)  # from uint8: bool -> float is slower
-    if _is_right_padded(mf):
-        if width == T:
-            _scan(z, plan, x0, out)
-            out.mul_(mf)
-        else:
-            padded = _scratch("buf", (R, width), z.dtype, z.device)
-            padded[:, :T].copy_(z)
-            padded[:, T:].zero_()
-            _scan(padded, plan, x0, padded)
-            torch.mul(padded[:, :T], mf, out=out)
+    width = _round_up(T, plan[0][0].shape[1])  # T rounded up to whole blocks
+    if width == T:
+        _scan(z, plan, x0, out)
+        out.mul_(mf)
         return
-    J = -(-(T + 1) // 16) * 16  # keeps the scan region 64-byte aligned
+    padded = _scratch("buf", (R, width), z.dtype, z.device, zeroed=True)  # see _filter_holey_rows
+    padded[:, :T].copy_(z)
+    padded[:, T:].zero_()
+    _scan(padded, plan, x0, padded)
+    torch.mul(padded[:, :T], mf, out=out)
+
+
+def _filter_holey_rows(z: Tensor, m8: Tensor, plan: tuple[tuple[Tensor, Tensor], ...], x0: float, out: Tensor) -> None:
+    """Rows z (R, T) with masked tokens anywhere (0/1 uint8 mask m8) into out (R, T, contiguous).
+
+    One buffer per row, [J junk slots | scan slots]. Valid tokens go to slot J + rank (rank = count - 1),
+    masked ones to slot count <= T < J, so no two valid tokens collide. Scan in place, zero the junk,
+    and gather back with the same slots: valid tokens read their rho, masked ones read 0.
+    """
+    R, T = z.shape
+    width = _round_up(T, plan[0][0].shape[1])
+    J = _round_up(T + 1, 16)  # keeps the scan region 64-byte aligned
     slot = _scratch("slot", (R, T), torch.int64, z.device)
-    buf = _scratch("buf", (R, J + width), z.dtype, z.device)
-    buf[:, J:].zero_()  # slots past a row's valid tokens must be finite: the matmul multiplies them by 0
-    torch.cumsum(m8, 1, dtype=torch.int64, out=slot).add_(m8, alpha=J - 1)
+    # Slots past a row's valid tokens keep what the last call left there: that only has to be finite
+    # (the matmul multiplies it by 0), which causal_kalman_filter guarantees for this buffer.
+    buf = _scratch("buf", (R, J + width), z.dtype, z.device, zeroed=True)
+    m64 = _scratch("mask64", (R, T), torch.int64, z.device).copy_(m8)  # mixed-dtype ops make temporaries
+    torch.cumsum(m64, 1, out=slot).add_(m64, alpha=J - 1)
     buf.scatter_(1, slot, z)
     buf[:, :J].zero_()  # masked inputs landed here; they may be NaN
     _scan(buf[:, J:], plan, x0, buf[:, J:])
@@ -266,13 +286,23 @@ def causal_kalman_filter(
     if B == 0 or T == 0:
         return out.to(out_dtype)
     m8 = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
-    if not bool(z.sum().isfinite()):
+    finite = bool(z.sum().isfinite())
+    if not finite:
         z = torch.where(m8.bool(), z, z.new_zeros(()))  # NaN/inf padding must not meet the matmul
     C = _BLOCK if T > _BLOCK else _round_up(T, 8)
-    plan = _scan_plan(float(q) / float(v), float(p0) / float(v), _round_up(T, C), C, dtype, z.device)
-    rows = max(1, _GROUP_TOKENS // T) if z.device.type == "cpu" else B
-    for i in range(0, B, rows):
-        _filter_rows(z[i : i + rows], m8[i : i + rows], plan, float(x0), out[i : i + rows])
+    plan = _scan_plan(float(q) / float(v), float(p0) / float(v), _pow2(_round_up(T, C)), C, dtype, z.device)
+    mf = _scratch("mask", (B, T), dtype, z.device).copy_(m8)  # from uint8: bool -> float is slower
+    padded = _is_right_padded(mf)
+    rows = max(1, (_PADDED_GROUP_TOKENS if padded else _HOLEY_GROUP_TOKENS) // T) if z.device.type == "cpu" else B
+    try:
+        for i in range(0, B, rows):
+            if padded:
+                _filter_padded_rows(z[i : i + rows], mf[i : i + rows], plan, float(x0), out[i : i + rows])
+            else:
+                _filter_holey_rows(z[i : i + rows], m8[i : i + rows], plan, float(x0), out[i : i + rows])
+    finally:
+        if not finite:  # a NaN/inf valid input may have reached the scratch buffer: it must stay finite
+            _drop_scratch("buf", dtype)
     return out.to(out_dtype)
 
 

@@ -96,6 +96,17 @@ def test_long_rows_exact_and_finite(dtype: torch.dtype, qv: float) -> None:
     assert_close_to_reference(out, ref, mask)
 
 
+@pytest.mark.parametrize("T", [16, 17, 256, 257, 2049, 4097, 6400])
+def test_lengths_around_block_and_level_boundaries(T: int) -> None:
+    """The scan's blocks (16), levels and cached power-of-two plans cut lengths in different places."""
+    g = torch.Generator().manual_seed(T)
+    z = torch.randn(3, T, generator=g, dtype=torch.float64)
+    for holes in (False, True):
+        mask = random_mask(g, 3, T, holes)
+        out = causal_kalman_filter(z, mask, 1e-2, 1.0, p0=0.5, x0=0.3)
+        assert_close_to_reference(out, reference_filter(z, mask, 1e-2, 1.0, 0.5, 0.3), mask)
+
+
 def test_defaults_and_mask_dtypes() -> None:
     """Default p0 = x0 = 0; float and integer masks mean the same as bool masks."""
     g = torch.Generator().manual_seed(2)
@@ -120,17 +131,34 @@ def test_non_contiguous_inputs_and_repeated_calls() -> None:
     assert torch.equal(first, kept)
 
 
-def test_row_groups_with_mixed_masks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, rows go in groups; a group of right-padded rows and a group with holes both come out right."""
+@pytest.mark.parametrize("holes", [False, True])
+def test_row_groups(monkeypatch: pytest.MonkeyPatch, holes: bool) -> None:
+    """On CPU, rows go in groups that share scratch buffers; every group comes out right."""
     import kpo_lightning.kalman as kalman
 
-    monkeypatch.setattr(kalman, "_GROUP_TOKENS", 3 * 50)  # groups of 3 rows
+    monkeypatch.setattr(kalman, "_PADDED_GROUP_TOKENS", 3 * 50)  # groups of 3 rows
+    monkeypatch.setattr(kalman, "_HOLEY_GROUP_TOKENS", 3 * 50)
     g = torch.Generator().manual_seed(6)
     z = torch.randn(8, 50, generator=g, dtype=torch.float64)
-    mask = random_mask(g, 8, 50, holes=False)
-    mask[4, 10] = False  # only the second group has a hole
+    mask = random_mask(g, 8, 50, holes=holes)
     out = causal_kalman_filter(z, mask, 1e-3, 1.0, x0=0.1)
     torch.testing.assert_close(out, reference_filter(z, mask, 1e-3, 1.0, 0.0, 0.1), rtol=0, atol=1e-13)
+
+
+def test_non_finite_valid_input_stays_in_its_row() -> None:
+    """A NaN among a row's valid inputs spoils that row only, and nothing of it leaks into later calls."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    mask = random_mask(g, 4, 300, holes=True)
+    mask[3] = True
+    z_nan = z.clone()
+    z_nan[3, 150] = float("nan")
+    out = causal_kalman_filter(z_nan, mask, 1e-3, 1.0)
+    ref = reference_filter(z, mask, 1e-3, 1.0)
+    torch.testing.assert_close(out[:3], ref[:3], rtol=0, atol=1e-13)
+    assert torch.isnan(out[3, 150:]).all()
+    for m in (mask, torch.ones_like(mask)):  # later calls: holes, and right padding
+        torch.testing.assert_close(causal_kalman_filter(z, m, 1e-3, 1.0), reference_filter(z, m, 1e-3, 1.0), rtol=0, atol=1e-13)
 
 
 def test_all_masked_and_empty_shapes() -> None:
