@@ -40,6 +40,8 @@ class DataConfig:
     prompts_per_step: int = 8  # prompts per rollout step, all processes together (each gets G samples)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
     val_source: Optional[str] = None  # a separate validation source; default: held out from `source`
+    val_subset: Optional[str] = None  # dataset config name of a hub val_source
+    val_split: str = "test"  # split of a hub val_source
     val_size: int = 64  # held-out prompts used for validation
     shuffle: bool = True  # reshuffle finite sources every epoch (seeded)
     streaming: bool = True  # stream hub datasets instead of downloading them whole

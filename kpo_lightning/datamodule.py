@@ -267,13 +267,15 @@ def _load_hub(name: str, cfg: DataConfig, key: str) -> Any:
     """`datasets.load_dataset(...)`, any failure turned into a UserInputError that suggests a local file."""
     import datasets
 
+    prefix = "data.val_" if key == "data.val_source" else "data."
+    subset, split = (cfg.val_subset, cfg.val_split) if key == "data.val_source" else (cfg.subset, cfg.split)
     try:
-        return datasets.load_dataset(name, cfg.subset, split=cfg.split, streaming=cfg.streaming)
+        return datasets.load_dataset(name, subset, split=split, streaming=cfg.streaming)
     except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         raise UserInputError(
-            f"{key}={name!r}: could not load it as a Hugging Face dataset (data.subset={cfg.subset!r}, "
-            f"data.split={cfg.split!r}): {type(e).__name__}: {detail}. Check the name, subset and split and "
+            f"{key}={name!r}: could not load it as a Hugging Face dataset ({prefix}subset={subset!r}, "
+            f"{prefix}split={split!r}): {type(e).__name__}: {detail}. Check the name, subset and split and "
             f"your network, or point {key} at a local .jsonl/.json/.parquet/.csv file"
         ) from None
 
@@ -526,7 +528,7 @@ class PromptDataModule(pl.LightningDataModule):
             head = list(itertools.islice(dataset, held_out if held_out else 1))
             pairs = [_extract(r, f"{source}, record {i + 1}", cfg) for i, r in enumerate(head)]  # key check
             if not head:
-                raise UserInputError(f"{key}={source!r}: the dataset split {cfg.split!r} has no records")
+                raise UserInputError(f"{key}={source!r}: the dataset split it was loaded from has no records")
             return _StreamSource(dataset, source, cfg, held_out, self.seed), pairs[:held_out]
         if validation_only:
             dataset = dataset.select(range(min(held_out, len(dataset))))

@@ -293,6 +293,26 @@ def test_streaming_dataset_holds_out_val_and_resumes(tmp_path, monkeypatch):
     assert take(resumed, 3) == full[5:]
 
 
+def test_hub_val_source_uses_its_own_subset_and_split(tmp_path, monkeypatch):
+    import datasets
+
+    path = write(tmp_path / "stream.jsonl", RECORDS[:9])
+    real_load = datasets.load_dataset
+    calls = []
+
+    def fake_load(name, subset=None, split=None, streaming=False):
+        calls.append((name, subset, split))
+        return real_load("json", data_files=str(path), split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = DataConfig(source="org/train-set", subset="en", split="train", val_source="org/eval-set", val_split="test",
+                     prompt_key="question", answer_key="solution", val_size=2, prompts_per_step=3)
+    dm = PromptDataModule(cfg, seed=1)
+    assert len(dm.val_prompts()) == 2
+    take(dm, 1)
+    assert ("org/train-set", "en", "train") in calls and ("org/eval-set", None, "test") in calls
+
+
 def test_hub_name_that_cannot_be_loaded(monkeypatch):
     import datasets
 
