@@ -18,7 +18,6 @@ use a different seed, `seed + ARITHMETIC_VAL_SEED_OFFSET`; `validation_problem` 
 from __future__ import annotations
 
 import random
-import re
 
 ARITHMETIC_VAL_SEED_OFFSET = 1_000_003  # validation streams use seed + this (and split="val")
 VAL_PAIR_MODULUS = 10  # one operand pair in VAL_PAIR_MODULUS is held out for validation
@@ -73,13 +72,12 @@ def validation_problem(seed: int, index: int, max_operand: int = 99, ops: str = 
     return arithmetic_problem(seed + ARITHMETIC_VAL_SEED_OFFSET, index, max_operand, split="val", ops=ops)
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
 def extract_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text` (no nested braces), or None."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last `\\boxed{...}` in `text`, stripped, or None (the reward's own extraction)."""
+    from kpo_lightning.rewards import extract_boxed as last_boxed
+
+    found = last_boxed(text)
+    return found.strip() if found is not None else None
 
 
 def exact_match_reward(completion: str, answer: str) -> float:
