@@ -86,14 +86,13 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def check_model_source(cfg: ModelConfig) -> None:
-    """Cheap checks before anything heavy is loaded (built-ins are resolved lazily, at load time)."""
-    if cfg.name_or_path in ("tiny-arith", "smollm2"):
-        if cfg.name_or_path == "smollm2":
-            smollm2_gguf()
-        return
-    resolve_model_path(cfg.name_or_path)
+    """Cheap checks before anything heavy is loaded (built-ins are converted lazily, at load time)."""
     if cfg.dtype not in DTYPES:
         raise UserInputError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.name_or_path == "smollm2":
+        smollm2_gguf()
+    elif cfg.name_or_path != "tiny-arith":
+        resolve_model_path(cfg.name_or_path)
 
 
 def load_model_and_tokenizer(cfg: ModelConfig):

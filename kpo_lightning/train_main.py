@@ -67,25 +67,25 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = out / "checkpoints"
+    resume = resolve_resume(cfg, ckpt_dir)
+    if resume is not None and checkpoint_rollout_step(resume) >= cfg.trainer.max_steps:  # before loading anything
+        print(f"[kpo] {resume} is already at trainer.max_steps={cfg.trainer.max_steps}: nothing to train; "
+              "raise trainer.max_steps to continue", flush=True)
+        return 0
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     datamodule = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     module = KPOModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout, reward=cfg.reward,
                        eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
-    ckpt_dir = out / "checkpoints"
     checkpoint = RolloutCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
     trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)
-    resume = resolve_resume(cfg, ckpt_dir)
 
     if trainer.is_global_zero:
         print(f"[kpo] output: {out.resolve()}\n[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", flush=True)
     if cfg.eval.every_n_steps > 0 and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
-    if resume is not None and checkpoint_rollout_step(resume) >= cfg.trainer.max_steps:
-        print(f"[kpo] {resume} is already at trainer.max_steps={cfg.trainer.max_steps}: nothing to train; "
-              "raise trainer.max_steps to continue", flush=True)
-        return 0
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     except NonFiniteTrainingError as e:
