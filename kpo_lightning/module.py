@@ -377,20 +377,22 @@ class KPOModule(pl.LightningModule):
                 return exp
         return None
 
+    def _due(self, every: int) -> bool:
+        """Log this rollout step? Every `every` steps and at the first one; never when `every` is 0."""
+        return every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1)
+
     def _log_text_and_figure(self, rollout: Rollout, offpolicy: Optional[tuple[Tensor, Tensor, Tensor]]) -> None:
         tb = self._tensorboard()
         if tb is None:
             return
-        every = self.log_cfg.samples_every_n_steps
-        if every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1):
+        if self._due(self.log_cfg.samples_every_n_steps):
             rows = []
             for i in range(0, len(rollout.prompts), max(1, self.rollout_cfg.num_generations)):
                 rows.append(f"| {rollout.prompts[i]!r} | {rollout.generation.completions[i]!r} | "
                             f"{rollout.answers[i]!r} | {rollout.rewards[i].item():.2f} |")
             table = "| prompt | completion | answer | reward |\n|---|---|---|---|\n" + "\n".join(rows[:8])
             tb.add_text("samples", table, self.rollout_step)
-        every = self.log_cfg.ratio_plot_every_n_steps
-        if offpolicy is not None and every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1):
+        if offpolicy is not None and self._due(self.log_cfg.ratio_plot_every_n_steps):
             from kpo_lightning.plots import ratio_figure
 
             raw, filtered, mask = offpolicy
