@@ -54,7 +54,7 @@ def check_inputs(cfg: Config):
     """Everything a run needs from outside, checked before the model is loaded. Returns the reward function."""
     from kpo_lightning.datamodule import PromptDataModule
     from kpo_lightning.models import check_model_source
-    from kpo_lightning.rewards import load_reward_fn
+    from kpo_lightning.rewards import reward_from_config
 
     if cfg.mode == "eval":  # several datasets, comma-separated, each read whole as validation data
         for source in cfg.data.source.split(","):
@@ -62,7 +62,7 @@ def check_inputs(cfg: Config):
     else:
         PromptDataModule.check_source(cfg.data)
     check_model_source(cfg.model)
-    return load_reward_fn(cfg.reward.fn)
+    return reward_from_config(cfg.reward)
 
 
 def run(cfg: Config) -> int:

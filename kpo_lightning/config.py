@@ -60,8 +60,10 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    fn: str = "math"  # "math" (boxed answer + math-verify) or "module:function"
-    timeout_s: float = 2.0  # bound on one answer check
+    fn: str = "math"  # "math" (boxed answer + math-verify), "package.module:function" or "path/to/file.py:function"
+    timeout_s: float = 2.0  # seconds one sample's reward may take (math check or user function); slower scores 0
+    answer_after_think: bool = True  # math: read the answer after the last </think>; unclosed <think> scores 0
+    num_workers: int = 0  # processes running a user reward.fn in parallel; 0 = min(4, CPUs)
 
 
 @dataclass

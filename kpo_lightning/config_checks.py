@@ -36,6 +36,7 @@ AT_LEAST = {
     "rollout.num_generations": 2,
     "rollout.top_k": 0,
     "rollout.generation_batch_size": 0,
+    "reward.num_workers": 0,
     "data.val_size": 0,
     "data.arithmetic_max_operand": 1,
     "optim.weight_decay": 0.0,

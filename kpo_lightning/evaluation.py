@@ -36,7 +36,7 @@ def evaluate_batch(
     """Rewards (num_prompts, k) of `params.num_samples` sampled answers per prompt."""
     gen = engine.generate(model, tokenizer, prompts, params)
     k = params.num_samples
-    rewards, _ = score_completions(
+    rewards, _, _ = score_completions(
         reward_fn,
         [p for p in prompts for _ in range(k)],
         gen.completions,

@@ -26,7 +26,7 @@ from kpo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
 from kpo_lightning.models import disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
-from kpo_lightning.rewards import load_reward_fn
+from kpo_lightning.rewards import reward_from_config
 from kpo_lightning.sharded_generation import full_weights_for_generation
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
@@ -78,7 +78,7 @@ class KPOModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.loss_cfg, self.optim_cfg, self.rollout_cfg = loss, optim, rollout
         self.eval_cfg, self.log_cfg = eval, log
-        self.reward_fn = reward_fn or load_reward_fn(reward.fn)
+        self.reward_fn = reward_fn or reward_from_config(reward)
         self.engine: RolloutEngine = engine or HFGenerateEngine()
         self.automatic_optimization = False
         self.seed = seed

@@ -3,54 +3,48 @@
 Reward functions are called with keywords only: ``fn(prompt=..., completion=..., answer=...) -> float``.
 Write them as ``def my_reward(prompt, completion, answer, **kwargs) -> float`` so that keywords added later
 do not break them. Load one with `load_reward_fn("math")`, `load_reward_fn("package.module:function")` or
-`load_reward_fn("path/to/file.py:function")`.
+`load_reward_fn("path/to/file.py:function")`; `reward_from_config(RewardConfig(...))` gives the time-bounded
+version a run uses.
 
-Time bound of the math reward (`math_reward`). math-verify bounds its own work with `signal.alarm`, which
-only works in the main thread of the main interpreter, and a signal cannot interrupt a long C call anyway
-(a CPython big-integer power like 9^(9^9) runs to the end before any Python signal handler). So the
-symbolic comparison runs in one persistent worker process (a plain `subprocess` running
-`_worker_main`, started lazily on first use, reused across calls), with math-verify's own timeouts
-disabled. The caller waits for the one-byte answer with `select` up to `timeout_s`; on timeout the worker
-is SIGKILLed (which always works, whatever it is computing), the sample scores 0.0, and a replacement is
-started at once so that its imports overlap with the caller's next work. This behaves identically in the
-main thread and in any other thread, needs no signal handlers in the trainer's process, and caps the
-worker's address space so that a runaway answer cannot take the machine's memory. A plain subprocess is
-used instead of `multiprocessing` because 'spawn' and 'forkserver' re-import the user's `__main__` script,
-and 'fork' is unsafe after torch has started threads. Calls from several threads share the worker under a
-lock, so concurrent calls queue. Cheap checks come first and need no worker at all: no final box -> 0.0;
-normalised strings equal -> 1.0; both plain integers/fractions/decimals that are exactly equal -> 1.0,
-two different integers -> 0.0; an answer longer than 1,000 characters or nested deeper than 32 brackets
--> 0.0. Results (timeouts included) are cached per (reference, answer) pair, so repeated answers within
-a group, and repeated pathological answers, cost nothing after the first.
+Math reward (`math_reward`, `MathReward`). The answer is the last `\\boxed{}` of the completion, read after the
+last `</think>` when the completion has one (a completion that opened `<think>`, or whose prompt left one open,
+and never closed it scores 0.0: it is all reasoning, no answer). Cheap checks come first and need no child
+process: no final box -> 0.0; normalised strings equal -> 1.0; both plain numbers (integers, decimals, fractions,
+mixed numbers, thousands separators) that are exactly equal -> 1.0, two different integers -> 0.0; an answer
+longer than 1,000 characters or nested deeper than 32 brackets -> 0.0; separate numbers side by side ("1 2") are
+never joined into one ("12") nor handed to math-verify (which would add them). The rest is math-verify's symbolic
+equivalence, run in a killable child process bounded by `timeout_s` (`math_verify_worker`). Verdicts are cached
+per (reference, answer) pair; a timeout is not a verdict: it scores 0.0, is counted (`train/reward_timeouts`) and
+is retried the next time the pair comes up (within one batch, identical pairs are checked once).
+
+User rewards named by a spec (`reward.fn=package.module:function` or `path/to/file.py:function`) run in a pool of
+child processes (`reward_workers.RewardPool`) under the same bound, `reward.timeout_s` per sample: a sample whose
+reward does not return in time scores 0.0 and is counted, its process is replaced, the run goes on.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
-import math
 import os
 import re
-import select
-import signal
-import struct
-import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from .errors import UserInputError
+from .reward_workers import Failure, Outcome, RewardPool, call_reward, classify, stop_on_sigterm, timeout_failure
 
 if TYPE_CHECKING:
     import torch
+
+    from .config import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +52,13 @@ RewardFn = Callable[..., float]
 
 MAX_ANSWER_CHARS = 1000  # longer boxed answers score 0.0 unless string-equal to the reference
 MAX_NESTING = 32  # deeper {[( nesting scores 0.0 unless string-equal to the reference
-_WORKER_START_TIMEOUT_S = 120.0  # imports of sympy/math-verify on a busy machine; not counted in timeout_s
-_WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of the worker
 _CACHE_SIZE = 8192
 
 # ----------------------------------------------------------------------------------------- extraction
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def extract_boxed(text: str) -> str | None:
@@ -92,23 +85,64 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def answer_part(completion: str, prompt: str = "") -> str | None:
+    """The part of a completion that holds the final answer, as thinking models' graders read it.
+
+    After the last `</think>` when there is one; None (no answer: score 0) when thinking was opened, in the
+    completion or at the end of the prompt (templates that pre-fill `<think>`), and never closed; else all of it.
+    """
+    end = completion.rfind(THINK_CLOSE)
+    if end >= 0:
+        return completion[end + len(THINK_CLOSE):]
+    opened = prompt.rfind(THINK_OPEN)
+    if THINK_OPEN in completion or (opened >= 0 and prompt.find(THINK_CLOSE, opened) < 0):
+        return None
+    return completion
+
+
 # -------------------------------------------------------------------------------------- normalisation
 
-_DROP_RE = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;: ]|\\?\$|[~\s]")
+_DROP_RE = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\!|\\?\$")
+_SPACE_RE = re.compile(r"(?:\s|~|\\[,;: ]|\\q?quad(?![A-Za-z]))+")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?")
+_MIXED_SPACE_RE = re.compile(r"(-?)(\d+) (\d+)/(\d+)")
 _NUM_RE = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?)\\frac(\d)(\d)")
+_MIXED_FRAC_RE = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)\\frac(\d)(\d)")
 _SLASH_RE = re.compile(r"(-?\d+)/(-?\d+)")
+_SEPARATE_NUMBERS_RE = re.compile(r"\d \d")
+
+
+def _space(m: re.Match) -> str:
+    """A run of (LaTeX) spacing: kept as one space between two digits or two letters, where removing it would
+    join separate numbers ("1 2") or words (`\\pi r`), dropped elsewhere."""
+    s, a, b = m.string, m.start(), m.end()
+    left, right = s[a - 1] if a else "", s[b] if b < len(s) else ""
+    keep = (left.isdigit() and right.isdigit()) or (left.isalpha() and right.isalpha())
+    return " " if keep else ""
 
 
 def _normalise(s: str) -> str:
-    """Formatting-only normalisation for the string fast path: it never makes different answers equal."""
-    s = _DROP_RE.sub("", s)
+    """Formatting-only normalisation: it never makes different answers equal.
+
+    Drops `\\left`, `\\right`, `\\displaystyle`, `\\!`, `$`; a whole answer that is a number with thousands
+    separators (`1,000`, `1{,}000`, `1\\,000`, `1,\\!000`) loses them; spacing between two digits or two
+    letters becomes one space (separate numbers stay separate), other spacing goes; `\\dfrac`/`\\tfrac` become
+    `\\frac`; a mixed number `2 3/4` is written `2\\frac{3}{4}` (its value is 11/4, as math-verify reads the latter).
+    """
+    s = _DROP_RE.sub("", s).strip()
+    if _THOUSANDS_RE.fullmatch(s):
+        s = re.sub(r"[^\d.-]", "", s)
+    s = _SPACE_RE.sub(_space, s)
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    m = _MIXED_SPACE_RE.fullmatch(s)
+    if m and int(m.group(3)) < int(m.group(4)):
+        s = f"{m.group(1)}{m.group(2)}\\frac{{{m.group(3)}}}{{{m.group(4)}}}"
     return s.rstrip(".")
 
 
 def _as_number(s: str) -> tuple[Fraction, bool] | None:
-    """(value, is_integer_literal) for a normalised plain number, fraction or \\frac of integers, else None."""
+    """(value, is_integer_literal) for a normalised plain number, fraction, mixed number or \\frac of integers."""
     try:
         if _NUM_RE.fullmatch(s):
             return Fraction(s), "." not in s
@@ -117,6 +151,11 @@ def _as_number(s: str) -> tuple[Fraction, bool] | None:
             sign, a, b = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5), m.group(6))
             v = Fraction(int(a), int(b))
             return (-v if sign else v), False
+        m = _MIXED_FRAC_RE.fullmatch(s)
+        if m:
+            g = m.groups()[:4] if m.group(2) else m.groups()[4:]
+            v = int(g[1]) + Fraction(int(g[2]), int(g[3]))
+            return (-v if g[0] else v), False
         m = _SLASH_RE.fullmatch(s)
         if m:
             return Fraction(int(m.group(1)), int(m.group(2))), False
@@ -137,175 +176,19 @@ def _nesting(s: str) -> int:
     return best
 
 
-# ------------------------------------------------------------------------------------------- worker
+# ------------------------------------------------------------------------------------------- math reward
 
-
-def _worker_equal(parse: Callable, verify: Callable, cfg: list, gold_cache: dict, gold: str, pred: str) -> bool:
-    """math-verify comparison, run inside the worker process, timeouts disabled (the parent kills us)."""
-    g = gold_cache.get(gold)
-    if g is None:
-        g = parse("\\boxed{" + gold + "}", extraction_config=cfg, parsing_timeout=None)
-        if len(gold_cache) > 1024:
-            gold_cache.clear()
-        gold_cache[gold] = g
-    p = parse("\\boxed{" + pred + "}", extraction_config=cfg, parsing_timeout=None)
-    if not g or not p:
-        return False
-    return bool(verify(g, p, timeout_seconds=None))
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    """Read exactly n bytes from a blocking fd; None on EOF."""
-    buf = b""
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
-
-
-def _worker_main() -> None:
-    """Entry point of the math-verify worker process: length-prefixed JSON [gold, pred] in, b'1'/b'0' out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; we exit when stdin closes
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # anything printed by libraries goes to stderr, never into the protocol
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
-    except (ImportError, ValueError, OSError):
-        pass
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # "timeout disabled" and per-item warnings
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    cfg = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    gold_cache: dict = {}
-    _worker_equal(parse, verify, cfg, gold_cache, "\\frac{1}{2}", "0.5")  # warm up sympy's lazy imports
-    gold_cache.clear()
-    os.write(out_fd, b"R")
-    while True:
-        head = _read_exact(0, 4)
-        if head is None:
-            return
-        body = _read_exact(0, struct.unpack("<I", head)[0])
-        if body is None:
-            return
-        try:
-            gold, pred = json.loads(body)
-            ok = _worker_equal(parse, verify, cfg, gold_cache, gold, pred)
-        except BaseException:  # noqa: BLE001 - RecursionError, MemoryError, sympy internals: all "not equal"
-            ok = False
-        os.write(out_fd, b"1" if ok else b"0")
-
-
-class _Worker:
-    """One lazily started math-verify worker process, killed and replaced on timeout or crash."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.proc: subprocess.Popen | None = None
-        self.ready = False
-        self.pid = os.getpid()
-
-    def _spawn(self) -> None:
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_NUM_THREADS", "1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from kpo_lightning.rewards import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-        )
-        self.ready = False
-
-    def _kill(self) -> None:
-        proc, self.proc, self.ready = self.proc, None, False
-        if proc is None:
-            return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for f in (proc.stdin, proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-    def _wait_readable(self, deadline: float) -> bool:
-        """True when the worker's stdout has data (or EOF) before the deadline."""
-        fd = self.proc.stdout.fileno()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                r, _, _ = select.select([fd], [], [], left)
-            except InterruptedError:
-                continue
-            if r:
-                return True
-
-    def _ensure_ready(self) -> None:
-        if self.pid != os.getpid():  # forked child: the handle belongs to the parent; leave it alone
-            self.proc, self.ready, self.pid = None, False, os.getpid()
-        if self.proc is None or self.proc.poll() is not None:
-            self._kill()
-            self._spawn()
-        if not self.ready:
-            ok = self._wait_readable(time.monotonic() + _WORKER_START_TIMEOUT_S)
-            if not ok or os.read(self.proc.stdout.fileno(), 1) != b"R":
-                self._kill()
-                raise RuntimeError("the math-verify worker process did not start; check that `python -c "
-                                   "\"import math_verify\"` works (pip install math-verify)")
-            self.ready = True
-
-    def equal(self, gold: str, pred: str, timeout_s: float) -> bool | None:
-        """math-verify equivalence; None when it took longer than timeout_s (the worker is then replaced)."""
-        with self.lock:
-            self._ensure_ready()
-            body = json.dumps([gold, pred]).encode()
-            deadline = time.monotonic() + timeout_s
-            try:
-                self.proc.stdin.write(struct.pack("<I", len(body)) + body)
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                self._kill()
-                return None
-            if not self._wait_readable(deadline):
-                self._kill()
-                self._spawn()  # start the replacement now; its imports overlap with the caller's work
-                return None
-            ans = os.read(self.proc.stdout.fileno(), 1)
-            if ans not in (b"0", b"1"):  # EOF: the worker crashed (e.g. C stack overflow)
-                self._kill()
-                return None
-            return ans == b"1"
-
-    def close(self) -> None:
-        if self.pid == os.getpid():
-            self._kill()
-
-
-_WORKER = _Worker()
-atexit.register(_WORKER.close)
 _CACHE: OrderedDict[tuple[str, str], float] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def math_reward(completion: str, answer: str, timeout_s: float = 2.0) -> float:
-    """1.0 when the last `\\boxed{}` of `completion` equals `answer`, else 0.0 (see the module docstring).
-
-    `answer` is the reference, bare (`\\frac{1}{2}`) or boxed. Equality is string equality after
-    formatting normalisation, or math-verify's equivalence (`0.5` = `\\frac{1}{2}`, `x=3` = `3`,
-    `30^\\circ` = `30`, `\\{1,2\\}` = `\\{2,1\\}`), bounded by `timeout_s` seconds in any thread; a
-    comparison that takes longer scores 0.0.
-    """
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+def _quick_verdict(completion: str, answer: str, prompt: str, answer_after_think: bool) -> float | tuple[str, str]:
+    """The score when cheap checks decide it, else the normalised (reference, answer) pair for math-verify."""
+    if answer_after_think:
+        part = answer_part(completion, prompt)
+        if part is None:
+            return 0.0
+        completion = part
     pred = extract_boxed(completion)
     if pred is None:
         return 0.0
@@ -325,18 +208,26 @@ def math_reward(completion: str, answer: str, timeout_s: float = 2.0) -> float:
             return 1.0
         if gn[1] and pn[1]:  # two different integers: math-verify would say no
             return 0.0
+    if _SEPARATE_NUMBERS_RE.search(p) or _SEPARATE_NUMBERS_RE.search(g):
+        return 0.0  # math-verify reads "1 2" as 1 + 2; separate numbers only match themselves (string equality)
     if _nesting(p) > MAX_NESTING or _nesting(g) > MAX_NESTING:
         return 0.0
-    gold, pred = gold.strip().strip("$").strip(), pred.strip()
-    key = (gold, pred)
+    return g, p
+
+
+def _symbolic(key: tuple[str, str], timeout_s: float) -> Optional[float]:
+    """math-verify's verdict for a normalised (reference, answer) pair, cached; None on timeout (not cached)."""
+    from .math_verify_worker import WORKER
+
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    eq = _WORKER.equal(gold, pred, timeout_s)
+    eq = WORKER.equal(key[0], key[1], timeout_s)
     if eq is None:
-        log.debug("math_reward: comparing %.80r with reference %.80r took over %.1fs; scored 0.0", pred, gold,
+        log.debug("math_reward: comparing %.80r with reference %.80r took over %.1fs; scored 0.0", key[1], key[0],
                   timeout_s)
+        return None
     result = 1.0 if eq else 0.0
     with _CACHE_LOCK:
         _CACHE[key] = result
@@ -345,9 +236,65 @@ def math_reward(completion: str, answer: str, timeout_s: float = 2.0) -> float:
     return result
 
 
+def _check_timeout(timeout_s: float) -> None:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+
+
+def math_reward(completion: str, answer: str, timeout_s: float = 2.0, *, answer_after_think: bool = True,
+                prompt: str = "") -> float:
+    """1.0 when the last `\\boxed{}` of `completion` equals `answer`, else 0.0 (see the module docstring).
+
+    `answer` is the reference, bare (`\\frac{1}{2}`) or boxed. Equality is string equality after
+    formatting normalisation, or math-verify's equivalence (`0.5` = `\\frac{1}{2}`, `x=3` = `3`,
+    `30^\\circ` = `30`, `\\{1,2\\}` = `\\{2,1\\}`), bounded by `timeout_s` seconds in any thread; a
+    comparison that takes longer scores 0.0. With `answer_after_think`, only the text after the last
+    `</think>` counts (`prompt` tells whether the template left a `<think>` open).
+    """
+    _check_timeout(timeout_s)
+    quick = _quick_verdict(completion, answer, prompt, answer_after_think)
+    if isinstance(quick, float):
+        return quick
+    return _symbolic(quick, timeout_s) or 0.0
+
+
+@dataclass(frozen=True)
+class MathReward:
+    """The built-in "math" reward with its settings (`reward.timeout_s`, `reward.answer_after_think`).
+
+    Callable like any reward function; `score_batch` (used by `score_completions`) also reports timeouts and
+    checks identical (reference, answer) pairs of a batch once.
+    """
+
+    timeout_s: float = 2.0
+    answer_after_think: bool = True
+
+    def __post_init__(self) -> None:
+        _check_timeout(self.timeout_s)
+
+    def __call__(self, prompt: str = "", completion: str = "", answer: str = "", **kwargs: Any) -> float:
+        return math_reward(completion, answer, self.timeout_s, answer_after_think=self.answer_after_think,
+                           prompt=prompt)
+
+    def score_batch(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[Outcome]:
+        out: list[Outcome] = [0.0] * len(completions)
+        todo: dict[tuple[str, str], list[int]] = {}
+        for i, (p, c, a) in enumerate(zip(prompts, completions, answers)):
+            quick = _quick_verdict(c, a, p, self.answer_after_think)
+            if isinstance(quick, float):
+                out[i] = quick
+            else:
+                todo.setdefault(quick, []).append(i)
+        for key, idx in todo.items():
+            verdict = _symbolic(key, self.timeout_s)
+            for i in idx:
+                out[i] = timeout_failure(self.timeout_s) if verdict is None else verdict
+        return out
+
+
 def math_reward_fn(prompt: str, completion: str, answer: str, **kwargs: Any) -> float:
-    """The built-in "math" reward in the reward-function calling convention (`prompt` is unused)."""
-    return math_reward(completion, answer)
+    """The built-in "math" reward in the reward-function calling convention, default settings."""
+    return math_reward(completion, answer, prompt=prompt)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -437,17 +384,69 @@ def load_reward_fn(spec: str) -> RewardFn:
     return obj
 
 
+class TimedReward:
+    """A user reward named by a spec, run in a pool of child processes with `timeout_s` per sample.
+
+    `TimedReward("my_pkg.rewards:score", timeout_s=10)` behaves like the function it names, except that a call
+    that does not return in time scores 0.0 (counted as a timeout by `score_completions`) and that the function
+    runs in another process (it must be importable by that name; module state is per process). `num_workers`
+    processes (0: up to 4, one per CPU) are started on first use and reused; one that dies is restarted.
+    """
+
+    def __init__(self, spec: str, timeout_s: float = 2.0, num_workers: int = 0) -> None:
+        _check_timeout(timeout_s)
+        load_reward_fn(spec)  # every problem with the spec, here, in one line
+        target, _, attr = spec.strip().rpartition(":")
+        if target.endswith(".py") or "/" in target or os.sep in target:  # children resolve it from any cwd
+            target = os.path.abspath(os.path.expanduser(target))
+        self.spec = f"{target}:{attr}"
+        self.timeout_s = timeout_s
+        self.num_workers = num_workers if num_workers > 0 else min(4, os.cpu_count() or 1)
+        self.__qualname__ = self.spec
+        self._pool: Optional[RewardPool] = None
+
+    def score_batch(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[Outcome]:
+        if self._pool is None:
+            self._pool = RewardPool(self.spec, self.num_workers)
+        return self._pool.score(list(zip(prompts, completions, answers)), self.timeout_s)
+
+    def __call__(self, prompt: str = "", completion: str = "", answer: str = "", **kwargs: Any) -> float:
+        out = self.score_batch([prompt], [completion], [answer])[0]
+        return out if isinstance(out, float) else 0.0
+
+    def close(self) -> None:
+        """Stop the child processes (they also stop when this process exits)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
+
+
+def reward_from_config(cfg: "RewardConfig") -> RewardFn:
+    """The reward a run uses: `MathReward` for "math", else the user's function as a `TimedReward`."""
+    if isinstance(cfg.fn, str) and cfg.fn.strip() == "math":
+        return MathReward(cfg.timeout_s, cfg.answer_after_think)
+    return TimedReward(cfg.fn, cfg.timeout_s, cfg.num_workers)
+
+
 # ---------------------------------------------------------------------------------------- scoring
 
 
-def score_completions(
-    fn: RewardFn, prompts: list[str], completions: list[str], answers: list[str]
-) -> tuple["torch.Tensor", int]:
-    """Rewards (float32, (N,)) and the number of samples whose reward failed.
+class Scores(NamedTuple):
+    rewards: "torch.Tensor"  # float32, (N,)
+    num_errors: int  # samples whose reward raised, returned None/NaN/inf/a non-number, or killed its process
+    num_timeouts: int  # samples whose reward did not return within the time bound
+
+
+def score_completions(fn: RewardFn, prompts: list[str], completions: list[str], answers: list[str]) -> Scores:
+    """Rewards (float32, (N,)), the number of samples whose reward failed, and the number that timed out.
 
     A sample fails when `fn` raises, or returns None, NaN/inf, or something that is not a number; it then
-    scores 0.0. Scoring never raises for a failing sample; one warning per kind of failure is logged
-    with the count and the first error's text.
+    scores 0.0. A reward with a `score_batch` method (`MathReward`, `TimedReward`) scores the batch at once and
+    reports timeouts (also 0.0). Scoring never raises for a failing sample; one warning per kind of failure is
+    logged with the count and the first error's text. SIGTERM and Ctrl-C stop the scoring at once.
     """
     import torch
 
@@ -455,37 +454,22 @@ def score_completions(
     if len(prompts) != n or len(answers) != n:
         raise ValueError(f"prompts, completions and answers must have one entry per sample, got "
                          f"{len(prompts)}, {n}, {len(answers)}")
-    rewards = [0.0] * n
+    with stop_on_sigterm():
+        if hasattr(fn, "score_batch"):
+            outcomes = [o if isinstance(o, Failure) else classify(o)
+                        for o in fn.score_batch(list(prompts), list(completions), list(answers))]
+        else:
+            outcomes = [call_reward(fn, prompts[i], completions[i], answers[i]) for i in range(n)]
+    rewards = [o if isinstance(o, float) else 0.0 for o in outcomes]
     failures: dict[str, tuple[int, int, str]] = {}  # kind -> (count, first index, first message)
-
-    def fail(kind: str, i: int, msg: str) -> None:
-        count, first, text = failures.get(kind, (0, i, msg))
-        failures[kind] = (count + 1, first, text)
-
-    for i in range(n):
-        try:
-            r = fn(prompt=prompts[i], completion=completions[i], answer=answers[i])
-        except Exception as e:  # noqa: BLE001 - a user function may raise anything
-            fail(f"raised {type(e).__name__}", i, str(e)[:500])
-            continue
-        if r is None:
-            fail("returned None", i, "None")
-            continue
-        if isinstance(r, (str, bytes)) or not hasattr(r, "__float__"):
-            fail("returned a non-number", i, f"{type(r).__name__}: {r!r:.200}")
-            continue
-        try:
-            v = float(r)
-        except Exception as e:  # noqa: BLE001 - e.g. a multi-element tensor
-            fail("returned a non-number", i, f"{type(r).__name__}: {e}")
-            continue
-        if not math.isfinite(v):
-            fail("returned NaN/inf", i, repr(v))
-            continue
-        rewards[i] = v
-    num_errors = sum(c for c, _, _ in failures.values())
+    for i, o in enumerate(outcomes):
+        if isinstance(o, Failure):
+            count, first, text = failures.get(o.kind, (0, i, o.message))
+            failures[o.kind] = (count + 1, first, text)
+    num_timeouts = sum(isinstance(o, Failure) and o.timeout for o in outcomes)
+    num_errors = sum(isinstance(o, Failure) for o in outcomes) - num_timeouts
+    name = getattr(fn, "__qualname__", repr(fn))
     for kind, (count, first, text) in failures.items():
-        name = getattr(fn, "__qualname__", repr(fn))
         log.warning("reward function %s %s on %d/%d samples (scored 0.0); first at sample %d: %s",
                     name, kind, count, n, first, text)
-    return torch.tensor(rewards, dtype=torch.float32), num_errors
+    return Scores(torch.tensor(rewards, dtype=torch.float32), num_errors, num_timeouts)

@@ -184,7 +184,7 @@ def make_rollout(
     group_prompts = [p for p in prompts for _ in range(params.num_samples)]
     group_answers = [a for a in answers for _ in range(params.num_samples)]
     start = time.perf_counter()
-    rewards, num_errors = score_completions(reward_fn, group_prompts, gen.completions, group_answers)
+    rewards, num_errors, num_timeouts = score_completions(reward_fn, group_prompts, gen.completions, group_answers)
     score_seconds = time.perf_counter() - start
     advantages, adv_stats = group_advantages(rewards, params.num_samples, advantage_estimator)
 
@@ -193,6 +193,7 @@ def make_rollout(
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "reward_errors": float(num_errors),
+        "reward_timeouts": float(num_timeouts),
         "zero_var_group_frac": float(adv_stats["zero_var_group_frac"]),
         "response_length": lengths.mean().item(),
         "truncated_frac": gen.truncated.float().mean().item(),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kpo_lightning import rewards
+from kpo_lightning.config import RewardConfig
 from kpo_lightning.errors import UserInputError
 from kpo_lightning.rewards import extract_boxed, load_reward_fn, math_reward, score_completions
 
@@ -242,11 +243,11 @@ def test_score_completions_counts_failures(caplog):
     kinds = ["float", "raise1", "none", "nan", "inf", "str", "int", "raise2", "bool", "tensor", "list", "big"]
     n = len(kinds)
     with caplog.at_level(logging.WARNING, logger="kpo_lightning.rewards"):
-        r, errors = score_completions(fn, ["p"] * n, kinds, ["a"] * n)
+        r, errors, timeouts = score_completions(fn, ["p"] * n, kinds, ["a"] * n)
     assert r.dtype == torch.float32 and r.shape == (n,)
     expected = [0.75, 0, 0, 0, 0, 0, 1.0, 0, 1.0, 0.5, 0, 0]
     assert r.tolist() == expected
-    assert errors == 8
+    assert errors == 8 and timeouts == 0
     msgs = [rec.getMessage() for rec in caplog.records]
     assert sum("raised ValueError" in m for m in msgs) == 1  # the first of each kind, not every one
     assert any("bad sample raise1" in m and "2/12" in m for m in msgs)
@@ -257,7 +258,146 @@ def test_score_completions_counts_failures(caplog):
 
 def test_score_completions_with_math_and_length_mismatch():
     fn = load_reward_fn("math")
-    r, errors = score_completions(fn, ["q", "q"], [r"\boxed{2}", "no box"], ["2", "2"])
-    assert r.tolist() == [1.0, 0.0] and errors == 0
+    r, errors, timeouts = score_completions(fn, ["q", "q"], [r"\boxed{2}", "no box"], ["2", "2"])
+    assert r.tolist() == [1.0, 0.0] and errors == 0 and timeouts == 0
     with pytest.raises(ValueError, match="one entry per sample"):
         score_completions(fn, ["q"], ["a", "b"], ["x", "y"])
+
+
+# ------------------------------------------------------------------------------------------ answer formats
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        # separate numbers are never joined (math-verify alone would read "2 3/4" as 5/4 and "1 2" as 3)
+        (r"\boxed{2 3/4}", "23/4", 0.0),
+        (r"\boxed{23/4}", "2 3/4", 0.0),
+        (r"\boxed{1 2}", "12", 0.0),
+        (r"\boxed{12}", "1 2", 0.0),
+        (r"\boxed{1 2}", "3", 0.0),
+        (r"\boxed{1~2}", "12", 0.0),
+        (r"\boxed{1\ 2}", "12", 0.0),
+        (r"\boxed{1  2}", "1 2", 1.0),  # the same separate numbers
+        # mixed numbers
+        (r"\boxed{2 3/4}", r"\frac{11}{4}", 1.0),
+        (r"\boxed{2\frac{3}{4}}", "11/4", 1.0),
+        (r"\boxed{2 \frac34}", "2.75", 1.0),
+        (r"\boxed{-2 3/4}", r"-\frac{11}{4}", 1.0),
+        (r"\boxed{2\frac{3}{4}}", r"\frac{3}{2}", 0.0),
+        (r"\boxed{2\dfrac{3}{4}}", r"2\frac{3}{4}", 1.0),
+        # \frac, \dfrac, \tfrac
+        (r"\boxed{\dfrac{3}{4}}", "0.75", 1.0),
+        (r"\boxed{\tfrac34}", r"\frac{3}{4}", 1.0),
+        (r"\boxed{\dfrac{3}{4}}", r"\frac{4}{3}", 0.0),
+        # thousands separators
+        (r"\boxed{1,000}", "1000", 1.0),
+        (r"\boxed{1000}", "1{,}000", 1.0),
+        (r"\boxed{1,\!000}", "1000", 1.0),
+        (r"\boxed{1\,000}", "1000", 1.0),
+        (r"\boxed{10,000,000}", "10000000", 1.0),
+        (r"\boxed{-1,234.5}", "-1234.5", 1.0),
+        (r"\boxed{1,000}", "100", 0.0),
+        (r"\boxed{1 000}", "1000", 0.0),  # a plain space is not a thousands separator: separate numbers
+        (r"\boxed{(100,200)}", "100200", 0.0),  # a pair, not a number with a separator
+        # units and \text{}
+        (r"\boxed{5\text{ cm}}", "5", 1.0),
+        (r"\boxed{5 \text{ cm}}", "5", 1.0),
+        (r"\boxed{\$10}", "10", 1.0),
+        (r"\boxed{\text{(A)}}", "A", 1.0),
+        (r"\boxed{\text{Monday}}", "Monday", 1.0),
+        (r"\boxed{\text{ Monday }}", r"\text{Monday}", 1.0),
+        (r"\boxed{\pi r^2}", r"\pi r^{2}", 1.0),
+        (r"\boxed{1, 2}", "1,2", 1.0),
+    ],
+)
+def test_math_reward_answer_formats(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("1 2", "1 2"), ("1   2", "1 2"), (r"1\,2", "1 2"), ("x y", "x y"), (r"\pi r", r"\pi r"), ("2 x", "2x"),
+        ("1, 2", "1,2"), (r"\left( 1 \right)", "(1)"), ("1,000", "1000"), ("(1,000)", "(1,000)"),
+        ("2 3/4", r"2\frac{3}{4}"), ("2 5/4", "2 5/4"), ("$12$.", "12"),
+    ],
+)
+def test_normalise_keeps_separate_numbers_apart(raw, normalised):
+    assert rewards._normalise(raw) == normalised
+
+
+# ------------------------------------------------------------------------------------------ thinking models
+
+
+@pytest.mark.parametrize(
+    "completion, prompt, expected",
+    [
+        ("<think>maybe \\boxed{1}</think> so \\boxed{2}", "", " so \\boxed{2}"),
+        ("<think>a</think><think>b</think>final", "", "final"),  # after the last one
+        ("reasoning \\boxed{1}</think>answer", "<|im_start|>assistant\n<think>\n", "answer"),  # template opened it
+        ("<think>still thinking \\boxed{1}", "", None),  # never closed: no answer
+        ("still thinking \\boxed{1}", "<|im_start|>assistant\n<think>\n", None),
+        ("plain \\boxed{1}", "", "plain \\boxed{1}"),
+        ("plain", "use <think> and </think> tags", "plain"),  # the prompt closed what it opened
+    ],
+)
+def test_answer_part(completion, prompt, expected):
+    assert rewards.answer_part(completion, prompt) == expected
+
+
+def test_math_reward_reads_after_think():
+    text = r"<think>try \boxed{7}... no, it is 12</think> The answer is \boxed{12}."
+    assert math_reward(text, "12") == 1.0
+    assert math_reward(r"<think>\boxed{12}</think> so \boxed{7}", "12") == 0.0  # the thought is not the answer
+    assert math_reward(r"<think>\boxed{12}", "12") == 0.0  # unterminated thinking scores 0
+    # answer_after_think=False: the last box anywhere (pre-thinking-model behaviour)
+    assert math_reward(r"<think>\boxed{12}", "12", answer_after_think=False) == 1.0
+    assert math_reward(r"<think>\boxed{12}</think> so \boxed{7}", "7", answer_after_think=False) == 1.0
+    # through the config and the reward-function calling convention, with the prompt deciding an open <think>
+    on = rewards.reward_from_config(RewardConfig(answer_after_think=True))
+    off = rewards.reward_from_config(RewardConfig(answer_after_think=False))
+    prompt = "<|im_start|>assistant\n<think>\n"
+    assert on(prompt=prompt, completion=r"\boxed{12}", answer="12") == 0.0
+    assert on(prompt=prompt, completion=r"\boxed{7}</think>\boxed{12}", answer="12") == 1.0
+    assert off(prompt=prompt, completion=r"\boxed{12}", answer="12") == 1.0
+    r, _, _ = score_completions(on, [prompt, ""], [r"\boxed{12}", r"\boxed{12}"], ["12", "12"])
+    assert r.tolist() == [0.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------ math timeouts
+
+
+def test_timeout_reaches_the_checker_and_is_never_cached(monkeypatch):
+    from kpo_lightning import math_verify_worker
+
+    calls = []
+    answers = iter([None, True])  # first a timeout, then the real verdict
+
+    def fake_equal(gold, pred, timeout_s):
+        calls.append((gold, pred, timeout_s))
+        return next(answers)
+
+    monkeypatch.setattr(math_verify_worker.WORKER, "equal", fake_equal)
+    fn = rewards.reward_from_config(RewardConfig(timeout_s=0.7))
+    batch = ([""] * 3, [r"\boxed{x^2}", r"\boxed{x^2}", r"\boxed{5}"], ["x*x", "x*x", "5"])
+    r, errors, timeouts = score_completions(fn, *batch)
+    assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
+    assert calls == [("x*x", "x^2", 0.7)]  # the configured bound, and identical pairs checked once per batch
+    assert ("x*x", "x^2") not in rewards._CACHE  # a timeout is not a verdict
+    r, errors, timeouts = score_completions(fn, *batch)  # asked again: checked again, now answered
+    assert r.tolist() == [1.0, 1.0, 1.0] and timeouts == 0
+    assert len(calls) == 2 and rewards._CACHE[("x*x", "x^2")] == 1.0
+    score_completions(fn, *batch)
+    assert len(calls) == 2  # a verdict is cached
+
+
+def test_real_timeout_is_counted():
+    fn = rewards.MathReward(timeout_s=0.5)
+    math_reward(r"\boxed{x^2}", "x^2+0")  # start the worker outside the timed part
+    t = time.perf_counter()
+    r, errors, timeouts = score_completions(fn, ["", "", ""], [r"\boxed{9^{9^{9^9}}}"] * 2 + [r"\boxed{3}"],
+                                            ["5", "5", "3"])
+    assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
+    assert time.perf_counter() - t < 3 * 0.5 + 1.0  # the identical pair was checked once
+    assert list(rewards._CACHE) == [("x^2+0", "x^2")]  # the warm-up's verdict; the timeout is not cached
