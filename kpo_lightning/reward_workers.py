@@ -13,7 +13,7 @@ locks (unsafe); 'spawn' and 'forkserver' re-import the user's `__main__` script.
 Waiting is interruptible: `wait_readable` wakes every 0.1 s; while scores are computed in the main thread
 (`stop_on_sigterm`) a SIGTERM runs the handler that was installed (Lightning's, which marks the trainer as
 terminated) and then makes the wait raise Lightning's `SIGTERMException`, exactly what Lightning itself raises for
-a SIGTERM between steps; Ctrl-C raises `KeyboardInterrupt` out of `select` as usual. Children ignore SIGINT, exit
+a SIGTERM between steps (`SystemExit(143)` outside Lightning); Ctrl-C raises `KeyboardInterrupt` out of `select` as usual. Children ignore SIGINT, exit
 when their parent is gone, and are killed at exit.
 """
 
@@ -86,17 +86,18 @@ def call_reward(fn, prompt: str, completion: str, answer: str) -> Outcome:
 
 
 def _sigterm_exception() -> BaseException:
-    try:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        return SIGTERMException()
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        return SystemExit(128 + signal.SIGTERM)
+    """Lightning's SIGTERMException when Lightning runs (it then ends the run as for a SIGTERM between steps),
+    else SystemExit(143), the shell's code for a SIGTERM (never imports Lightning: that can take seconds)."""
+    lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    if lightning_exceptions is not None:
+        return lightning_exceptions.SIGTERMException()
+    return SystemExit(128 + signal.SIGTERM)
 
 
 def check_stop() -> None:
     """Raise Lightning's SIGTERMException if a SIGTERM arrived while scoring."""
     if _STOP.is_set():
+        print("[kpo] SIGTERM while waiting for rewards: stopping the reward processes", flush=True)
         raise _sigterm_exception()
 
 
@@ -311,10 +312,10 @@ class RewardPool:
                                                f"{START_TIMEOUT_S:.0f}s")
                         results[slot.index] = timeout_failure(timeout_s)
                         self._replace(slot)
-        except BaseException:
-            for slot in list(self.slots):  # stuck or mid-answer: never reuse them
-                if slot.index is not None:
-                    self._replace(slot)
+        except BaseException:  # SIGTERM, Ctrl-C: busy processes may be stuck or mid-answer; never reuse them
+            for slot in [s for s in self.slots if s.index is not None]:
+                kill_child(slot.proc)
+                self.slots.remove(slot)
             raise
         return results  # type: ignore[return-value]
 
