@@ -130,6 +130,41 @@ def test_user_reward_errors_are_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
+HANG_ON_ODD = textwrap.dedent('''
+    import time
+
+    def score(prompt, completion, answer, **kwargs):
+        if int(answer) % 2:
+            time.sleep(10_000)
+        return 1.0
+''')
+
+
+def test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kpo_lightning.cli import main
+
+    (tmp_path / "hang_on_odd.py").write_text(HANG_ON_ODD)
+    out = tmp_path / "out"
+    code = main([
+        "model.name_or_path=tiny-arith", f"output_dir={out}", f"reward.fn={tmp_path / 'hang_on_odd.py'}:score",
+        "reward.timeout_s=0.5", "reward.num_workers=2", "data.prompts_per_step=4", "rollout.num_generations=2",
+        "rollout.max_new_tokens=4", "optim.num_minibatches=1", "trainer.max_steps=2", "eval.every_n_steps=0",
+        "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0",
+    ])
+    assert code == 0 and (out / "final").exists()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    timeouts = {e.step: e.value for e in acc.Scalars("train/reward_timeouts")}
+    reward = {e.step: e.value for e in acc.Scalars("train/reward")}
+    errors = {e.step: e.value for e in acc.Scalars("train/reward_errors")}
+    assert sorted(timeouts) == [1, 2]  # one point per rollout step
+    assert sum(timeouts.values()) > 0 and all(v % 2 == 0 for v in timeouts.values())  # whole groups (odd answers)
+    for step in (1, 2):  # every sample that did not time out was scored (1.0)
+        assert reward[step] == pytest.approx((8 - timeouts[step]) / 8) and errors[step] == 0
+
+
 def _run_args(root: Path, out: Path) -> list[str]:
     return [
         "model.name_or_path=tiny-arith", f"output_dir={out}", f"reward.fn={root / 'user_reward.py'}:score",

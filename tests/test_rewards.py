@@ -401,3 +401,36 @@ def test_real_timeout_is_counted():
     assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
     assert time.perf_counter() - t < 3 * 0.5 + 1.0  # the identical pair was checked once
     assert list(rewards._CACHE) == [("x^2+0", "x^2")]  # the warm-up's verdict; the timeout is not cached
+
+
+# ------------------------------------------------------------------------------------------ config keys
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("reward.num_workers=-1", "reward.num_workers"),
+        ("reward.answer_after_think=maybe", "reward.answer_after_think"),
+        ("reward.timeout_s=0", "reward.timeout_s"),
+    ],
+)
+def test_reward_config_errors_are_one_line(capsys, override, needle):
+    from kpo_lightning.cli import main
+
+    assert main([override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_reward_config_values_reach_the_reward(tmp_path):
+    from kpo_lightning.config_loading import load_config
+
+    cfg = load_config(["reward.timeout_s=3.5", "reward.answer_after_think=false"])
+    fn = rewards.reward_from_config(cfg.reward)
+    assert fn == rewards.MathReward(timeout_s=3.5, answer_after_think=False)
+    f = tmp_path / "r.py"
+    f.write_text("def score(prompt, completion, answer, **kw):\n    return 0.5\n")
+    cfg = load_config([f"reward.fn={f}:score", "reward.num_workers=3", "reward.timeout_s=4"])
+    fn = rewards.reward_from_config(cfg.reward)
+    assert isinstance(fn, rewards.TimedReward) and (fn.num_workers, fn.timeout_s) == (3, 4.0)
+    assert load_config([]).reward == RewardConfig()  # defaults: math, 2.0 s, answer after </think>, auto workers
