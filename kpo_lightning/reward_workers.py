@@ -266,10 +266,14 @@ class RewardPool:
     sample); a child that dies is replaced and its sample retried once.
     """
 
+    MAX_START_FAILURES = 3  # consecutive deaths while starting before the pool gives up
+
     def __init__(self, spec: str, size: int) -> None:
         self.spec, self.size = spec, max(1, size)
         self.slots: list[_Slot] = []
         self.pid = os.getpid()
+        self.lock = threading.Lock()  # one batch at a time; concurrent callers queue
+        self.start_failures = 0
         _POOLS.add(self)
 
     def _fill(self) -> None:
@@ -285,6 +289,10 @@ class RewardPool:
         self.slots[self.slots.index(slot)] = _Slot(self.spec)
 
     def score(self, items: list[tuple[str, str, str]], timeout_s: float) -> list[Outcome]:
+        with self.lock:
+            return self._score(items, timeout_s)
+
+    def _score(self, items: list[tuple[str, str, str]], timeout_s: float) -> list[Outcome]:
         results: list[Optional[Outcome]] = [None] * len(items)
         pending = deque(range(len(items)))
         retried: set[int] = set()
@@ -323,9 +331,13 @@ class RewardPool:
         msg = recv_frame(slot.fd)
         if not slot.ready:
             if msg == ["ready"]:
-                slot.ready, slot.deadline = True, math.inf
+                slot.ready, slot.deadline, self.start_failures = True, math.inf, 0
                 return
             kill_child(slot.proc)
+            self.start_failures += 1
+            if msg is None and self.start_failures < self.MAX_START_FAILURES:  # killed while starting: again
+                self._replace(slot)
+                return
             why = msg[1] if msg else f"it exited with code {slot.proc.returncode}; see its error above"
             raise RuntimeError(f"the reward process for {self.spec!r} could not start: {why}")
         i = slot.index
