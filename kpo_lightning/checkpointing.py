@@ -81,6 +81,8 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 def checkpoint_problem(path: Path) -> Optional[str]:
     """None when `path` looks like a checkpoint a run can resume from, else what is wrong with it, in a few words."""
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (a folder a strategy wrote): Lightning checks it when it loads it
+        return None if any(path.iterdir()) else "empty folder"
     if not path.is_file():
         return "not a file" if path.exists() else "does not exist"
     if path.stat().st_size == 0:
@@ -182,11 +184,22 @@ class DirectCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def _remove(path: Path) -> None:
+    """Deletes a checkpoint file, or the folder a sharded strategy wrote; gone already is fine."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _size_hint(directory: Path) -> int:
     """The size of the newest checkpoint in `directory` (0 if none): about what the next one needs."""
     newest = latest_checkpoint(directory)
     try:
-        return newest.stat().st_size if newest else 0
+        if newest is None:
+            return 0
+        files = newest.rglob("*") if newest.is_dir() else [newest]
+        return sum(f.stat().st_size for f in files if f.is_file())
     except OSError:
         return 0
 
@@ -232,7 +245,7 @@ class RolloutCheckpoint(pl.Callback):
             trainer.strategy.checkpoint_io = DirectCheckpointIO()
         if trainer.is_global_zero and self.dirpath.is_dir():
             for stale in self.dirpath.glob(f"step-*.ckpt{TMP_SUFFIX}"):  # left by a kill mid-save
-                stale.unlink(missing_ok=True)
+                _remove(stale)
 
     def save(self, trainer: pl.Trainer, pl_module) -> Optional[Path]:
         step = pl_module.rollout_step
@@ -243,7 +256,7 @@ class RolloutCheckpoint(pl.Callback):
         try:
             trainer.save_checkpoint(tmp)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)  # whatever the writer: no partial file left to fill the disk
+            _remove(tmp)  # whatever the writer: no partial file left to fill the disk
             if isinstance(e, OSError) and not isinstance(e, CheckpointSaveError):
                 raise _save_error(path, e.strerror or str(e), _size_hint(self.dirpath)) from e
             raise
@@ -252,7 +265,7 @@ class RolloutCheckpoint(pl.Callback):
             os.replace(tmp, path)
             _fsync_dir(self.dirpath)
             for old in list_checkpoints(self.dirpath)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+                _remove(old)
         self._saved_step = step
         return path
 

@@ -72,6 +72,12 @@ def test_checkpoint_problem_names_each_fault(tmp_path):
     torch.save(fake_checkpoint(3), tmp_path / "step-000005.ckpt")
     assert checkpoint_problem(tmp_path / "step-000005.ckpt") == "its name says step 5 but it holds step 3"
 
+    sharded = tmp_path / "step-000006.ckpt"  # a folder, as sharded strategies write: Lightning checks its content
+    sharded.mkdir()
+    assert checkpoint_problem(sharded) == "empty folder"
+    (sharded / "shard-0.distcp").write_bytes(b"x")
+    assert checkpoint_problem(sharded) is None
+
 
 def test_all_checkpoints_damaged_stops_with_one_line_or_starts_fresh_if_asked(setup, capsys):
     out = setup / "all-damaged"
