@@ -274,6 +274,10 @@ class RolloutCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mid_step = False
+        # A checkpoint of step N resumes as if taken here (see normalize_loop_state), so it carries the RNG state of
+        # this moment even when written later (at the end, on SIGTERM): a validation run after this step draws from
+        # the global RNG (its DataLoader's seed), and the resumed run redoes that draw.
+        self._rng_after_step = rng_states()
         if self.every_n_steps > 0 and pl_module.rollout_step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
 
@@ -301,7 +305,8 @@ class RolloutCheckpoint(pl.Callback):
         normalize_loop_state(checkpoint)
 
     def state_dict(self) -> dict:
-        return {"rng": rng_states()}
+        states = getattr(self, "_rng_after_step", None)
+        return {"rng": states if states is not None else rng_states()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng_to_restore = state_dict.get("rng")

@@ -43,15 +43,18 @@ def args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"model.name_or_path={root / 'model'}", f"output_dir={out}", f"reward.fn={root / 'reward.py'}:reward",
         "data.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=6",
-        "optim.num_minibatches=2", "optim.lr=3e-3", "optim.warmup_ratio=0", "eval.every_n_steps=0",
-        "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0", *extra,
+        "optim.num_minibatches=2", "optim.lr=3e-3", "optim.warmup_ratio=0", "log.samples_every_n_steps=0",
+        "log.ratio_plot_every_n_steps=0",
+        # validation every 2 steps: it draws from the global RNG (its DataLoader's seed), which a resume must
+        # account for when the checkpoint was written after it (at the end, on SIGTERM)
+        "eval.every_n_steps=2", "data.val_size=4", "eval.k=2", *extra,
     ]
 
 
-def rewards_by_step(out: Path) -> list[tuple[int, float]]:
+def rewards_by_step(out: Path, tag: str = "train/reward") -> list[tuple[int, float]]:
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars("train/reward")]
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 # The uninterrupted run every ending is compared with. Checkpoint settings do not change training, so each test
@@ -81,6 +84,10 @@ def assert_like_reference(out: Path, reference: Path, setup: Path) -> None:
     assert [s for s, _ in ra] == list(range(1, REF_STEPS + 1))
     assert sorted(s for s, _ in rb) == list(range(1, REF_STEPS + 1))  # no step repeated or skipped
     assert dict(ra) == pytest.approx(dict(rb), abs=1e-6)
+    va, vb = rewards_by_step(reference, "val/accuracy"), rewards_by_step(out, "val/accuracy")
+    assert [s for s, _ in va] == list(range(0, REF_STEPS + 1, 2))
+    assert sorted(s for s, _ in vb) == [s for s, _ in va]  # each validation once, none redone after a resume
+    assert dict(va) == pytest.approx(dict(vb), abs=1e-6)
 
 
 def test_stop_and_resume_matches_uninterrupted_run(setup, reference):
@@ -109,23 +116,24 @@ def test_finished_run_extends_then_nothing_to_do(setup, reference, capsys):
 
 
 def test_sigterm_end_then_resume_matches_uninterrupted_run(setup, reference, monkeypatch):
-    """A real SIGTERM, sent to this process during step 3 of 6: saved after the step, resumed to 8."""
+    """A real SIGTERM, sent to this process during step 4 of 6: saved after the step and its validation, resumed
+    to 8."""
     train_step = KPOModule.training_step
 
-    def terminated_in_step_3(self, *a, **k):
+    def terminated_in_step_4(self, *a, **k):
         result = train_step(self, *a, **k)
-        if self.rollout_step == 3:
+        if self.rollout_step == 4:
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this step
         return result
 
-    monkeypatch.setattr(KPOModule, "training_step", terminated_in_step_3)
+    monkeypatch.setattr(KPOModule, "training_step", terminated_in_step_4)
     out = setup / "sigterm"
     try:
         main(args(setup, out, "trainer.max_steps=6", "checkpoint.every_n_steps=0"))
     except SystemExit:  # Lightning's SIGTERMException; how run.py maps it to an exit code is not tested here
         pass
     assert not (out / "final").exists()
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000003.ckpt"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000004.ckpt"]
     monkeypatch.setattr(KPOModule, "training_step", train_step)
     assert main(args(setup, out, "trainer.max_steps=8", "checkpoint.every_n_steps=0", "resume=auto")) == 0
     assert_like_reference(out, reference, setup)
@@ -198,6 +206,8 @@ def test_damaged_newest_checkpoint_falls_back_to_older(setup, reference, damage,
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert sorted(s for s, _ in rewards_by_step(out)) == list(range(3, 9))
     assert dict(rewards_by_step(out)) == pytest.approx(dict(rewards_by_step(reference)[2:]), abs=1e-6)
+    assert dict(rewards_by_step(out, "val/accuracy")) == pytest.approx(
+        dict(rewards_by_step(reference, "val/accuracy")[2:]), abs=1e-6)  # steps 4, 6, 8
 
 
 def test_warmup_length_is_kept_when_a_run_is_extended(setup):
@@ -226,7 +236,7 @@ def test_resume_auto_without_checkpoint_starts_fresh(setup, capsys):
 def test_sigkill_then_resume_auto_finishes(setup):
     out = setup / "killed"
     cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=60", "checkpoint.every_n_steps=1",
-                                          "checkpoint.keep_last=2")]
+                                          "checkpoint.keep_last=2", "eval.every_n_steps=0")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 240
@@ -249,7 +259,8 @@ def test_sigkill_then_resume_auto_finishes(setup):
 
 def test_sigterm_saves_between_steps_and_exits(setup):
     out = setup / "terminated"
-    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=200", "checkpoint.every_n_steps=0")]
+    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=200", "checkpoint.every_n_steps=0",
+                                          "eval.every_n_steps=0")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     tb = out / "tensorboard"
