@@ -134,8 +134,8 @@ def _size(n: float) -> str:
 def _save_error(path: Path, reason: str, needed: int) -> CheckpointSaveError:
     free = shutil.disk_usage(path.parent).free
     return CheckpointSaveError(
-        f"could not save checkpoint {path.name.removesuffix(TMP_SUFFIX)} in {path.parent}: {reason} (free there: {_size(free)}, a checkpoint "
-        f"needs about {_size(needed)}); the earlier checkpoints are intact: free space or point output_dir at a "
+        f"could not save checkpoint {path.name.removesuffix(TMP_SUFFIX)} in {path.parent}: {reason} (free there: "
+        f"{_size(free)}, a checkpoint needs about {_size(needed)}); the earlier checkpoints are intact: free space or point output_dir at a "
         "bigger disk, then resume=auto"
     )
 
