@@ -132,7 +132,7 @@ class LogConfig:
 class Config:
     seed: int = 0  # seeds sampling, data order and initialisation
     output_dir: str = "outputs/default"  # config.yaml, checkpoints/, tensorboard/, final/ go here
-    resume: Optional[str] = None  # "auto" or a checkpoint path
+    resume: Optional[str] = None  # "auto", "auto_or_fresh" or a checkpoint path (see README, Reliability)
     mode: str = "train"  # train or eval
     preset: Optional[str] = None  # a file conf/NAME.yaml merged over conf/default.yaml
     debug: bool = False  # show tracebacks for input errors

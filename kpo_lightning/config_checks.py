@@ -112,8 +112,9 @@ def check_config(cfg: Config) -> None:
             f"{cfg.data.prompts_per_step}: groups are never split, so pick a divisor "
             f"(e.g. optim.num_minibatches={_largest_divisor(cfg.data.prompts_per_step, cfg.optim.num_minibatches)})"
         )
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
-        _fail("resume", cfg.resume, "that checkpoint does not exist; give an existing .ckpt file, 'auto' or null")
+    if cfg.resume not in (None, "auto", "auto_or_fresh") and not Path(cfg.resume).exists():
+        _fail("resume", cfg.resume,
+              "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null")
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

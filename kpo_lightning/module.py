@@ -100,6 +100,7 @@ class KPOModule(pl.LightningModule):
         self.switch_freq_raw = SwitchFrequency()
         self.switch_freq_filtered = SwitchFrequency()
         self.rollout_step = 0  # rollout steps done (the x axis of every curve)
+        self.warmup_steps: Optional[int] = None  # optimizer steps of LR warm-up, set by configure_optimizers
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._val_rewards: list[Tensor] = []
@@ -122,10 +123,16 @@ class KPOModule(pl.LightningModule):
         ]
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
         opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas), fused=fused)
-        total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
-        warmup = math.ceil(self.optim_cfg.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        if self.warmup_steps is None:  # fixed when the run starts; a resumed run keeps it (see on_load_checkpoint)
+            total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
+            self.warmup_steps = math.ceil(self.optim_cfg.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self._lr_factor(s))
         return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def _lr_factor(self, optimizer_step: int) -> float:
+        """Linear warm-up over `warmup_steps` optimizer steps, then constant (read at each step, so a value restored
+        from a checkpoint after the scheduler was built still applies)."""
+        return min(1.0, (optimizer_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
 
     @property
     def optimizer_steps_per_rollout(self) -> int:
@@ -141,6 +148,7 @@ class KPOModule(pl.LightningModule):
             "rollout_step": self.rollout_step,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
+            "warmup_steps": self.warmup_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -148,6 +156,8 @@ class KPOModule(pl.LightningModule):
         self.rollout_step = state.get("rollout_step", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
+        if state.get("warmup_steps") is not None:  # older checkpoints: recomputed from the new length
+            self.warmup_steps = state["warmup_steps"]
 
     # ----------------------------------------------------------------- log-probs
     def sequence_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kpo_lightning.checkpointing import RolloutCheckpoint, checkpoint_rollout_step, latest_checkpoint
+from kpo_lightning.checkpointing import (
+    DAMAGED_SUFFIX,
+    CheckpointSaveError,
+    RolloutCheckpoint,
+    checkpoint_problem,
+    checkpoint_rollout_step,
+    list_checkpoints,
+)
 from kpo_lightning.config import Config
 from kpo_lightning.config_loading import to_yaml
 from kpo_lightning.datamodule import PromptDataModule
+from kpo_lightning.errors import UserInputError
 from kpo_lightning.export import save_hf_folder
 from kpo_lightning.models import load_model_and_tokenizer
 from kpo_lightning.module import KPOModule, NonFiniteTrainingError
 from kpo_lightning.rollout_callback import RolloutCallback
+
+RESUME_AUTO = ("auto", "auto_or_fresh")
 
 
 def _devices(spec: str):
@@ -52,26 +64,58 @@ def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Train
     )
 
 
-def resolve_resume(cfg: Config, ckpt_dir: Path):
+def resolve_resume(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, checked before it is trusted (see checkpointing.checkpoint_problem).
+
+    `resume=PATH`: that file, or one line naming it and its problem (exit 2). `resume=auto` / `auto_or_fresh`: the
+    newest intact checkpoint in `ckpt_dir`; damaged newer ones are named, skipped and set aside as
+    `step-N.ckpt.damaged` (so the resumed run can write that step again). None at all: start fresh. Only damaged
+    ones: `auto` stops (exit 2), `auto_or_fresh` sets them aside and starts fresh.
+    """
     if cfg.resume is None:
         return None
-    if cfg.resume == "auto":
-        found = latest_checkpoint(ckpt_dir)
-        print(f"[kpo] resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint in ' + str(ckpt_dir) + ', starting fresh'}", flush=True)
-        return found
-    return Path(cfg.resume)
+    if cfg.resume not in RESUME_AUTO:
+        problem = checkpoint_problem(Path(cfg.resume))
+        if problem:
+            raise UserInputError(f"resume={cfg.resume}: {problem}; give an intact checkpoint, resume=auto or null")
+        return Path(cfg.resume)
+    found = list_checkpoints(ckpt_dir)
+    damaged: list[tuple[Path, str]] = []
+    chosen = None
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            chosen = path
+            break
+        damaged.append((path, problem))
+    if chosen is None and damaged and cfg.resume == "auto":
+        names = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise UserInputError(f"resume=auto: no intact checkpoint in {ckpt_dir} ({names}); remove them to start fresh, "
+                             "or set resume=auto_or_fresh")
+    for path, problem in damaged:
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process of this run set it aside first
+            pass
+        print(f"[kpo] resume={cfg.resume}: skipped {path.name}: {problem}; set aside as {aside.name}", flush=True)
+    if chosen is not None:
+        print(f"[kpo] resume={cfg.resume}: continuing from {chosen}", flush=True)
+    else:
+        print(f"[kpo] resume={cfg.resume}: no intact checkpoint in {ckpt_dir}, starting fresh", flush=True)
+    return chosen
 
 
 def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume = resolve_resume(cfg, ckpt_dir)  # first: a damaged resume path stops the run with nothing written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_dir = out / "checkpoints"
-    resume = resolve_resume(cfg, ckpt_dir)
-    if resume is not None and checkpoint_rollout_step(resume) >= cfg.trainer.max_steps:  # before loading anything
-        print(f"[kpo] {resume} is already at trainer.max_steps={cfg.trainer.max_steps}: nothing to train; "
-              "raise trainer.max_steps to continue", flush=True)
+    if resume is not None and (done := checkpoint_rollout_step(resume)) >= cfg.trainer.max_steps:  # before loading
+        print(f"[kpo] nothing to do: {resume} is at step {done}, trainer.max_steps={cfg.trainer.max_steps}; raise "
+              "trainer.max_steps to continue (final/ left as it is)", flush=True)
         return 0
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -90,6 +134,11 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     except NonFiniteTrainingError as e:
         print(f"error: {e} (last good checkpoint kept in {ckpt_dir})", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as e:  # full disk and the like: one line, the traceback only when asked
+        if cfg.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
     if trainer.is_global_zero:
