@@ -139,3 +139,21 @@ def test_groups_never_split_across_mini_batches():
 
     with pytest.raises(UserInputError, match="num_minibatches=3"):
         run_step(num_minibatches=3)
+
+
+def test_second_epoch_reuses_pi_old_from_before_any_update():
+    """epochs_per_rollout=2: four optimizer steps; pi_old of every row stays the policy that sampled the rollout,
+    so only the very first mini-batch is on-policy."""
+    forwards, calls, module, rollout, initial = run_step("kpo_clipped", lr=1e-2, epochs_per_rollout=2)
+    mb0, mb1 = list(range(0, 8)), list(range(8, 16))
+    assert forwards == [(mb1, False), (mb0, True), (mb1, True), (mb0, True), (mb1, True)]
+    gen = rollout.generation
+    with torch.no_grad():
+        before, _ = module.sequence_logprobs(initial, gen.input_ids, gen.attention_mask, gen.prompt_length)
+    for k, (logp, old, _, mask) in enumerate(calls):
+        rows = mb0 if k % 2 == 0 else mb1
+        torch.testing.assert_close(old[mask], before[rows][mask], rtol=0, atol=1e-6)  # as above: measured 0
+        if k == 0:
+            assert torch.equal(old[mask], logp[mask])
+        else:
+            assert (logp[mask] - old[mask]).abs().max() > 1e-3
