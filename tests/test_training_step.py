@@ -27,7 +27,7 @@ from ddp_gradient import GROUPS, G, P, R, FixedRollout, global_rollout  # noqa: 
 N = GROUPS * G  # 16 rows: 4 groups of 4, prompt 5 tokens, response up to 7 (ragged, each row >= 1 token)
 
 
-def run_step(loss_type="kpo_clipped", lr=0.0, **optim):
+def run_step(loss_type="kpo_clipped", lr=0.0, beta=0.0, **optim):
     """Fit one rollout step; returns (forwards, loss_calls, module, rollout, initial model copy).
 
     forwards: one (rows, grad_enabled) per policy forward, rows identified by matching input_ids to the rollout.
@@ -47,7 +47,7 @@ def run_step(loss_type="kpo_clipped", lr=0.0, **optim):
         rows = [int((ids == r).all(dim=1).nonzero()[0]) for r in x]
         forwards.append((rows, torch.is_grad_enabled()))
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.register_forward_pre_hook(hook, with_kwargs=True)  # also on the reference: KPOModule deep-copies it
     calls = []
     real = module_mod.compute_policy_loss
 
@@ -56,7 +56,7 @@ def run_step(loss_type="kpo_clipped", lr=0.0, **optim):
         return real(loss_type, logp, old_logp, advantages, mask, **kw)
 
     optim = {"lr": lr, "num_minibatches": 2, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
-    module = KPOModule(model, tok, loss=LossConfig(type=loss_type), optim=OptimConfig(**optim),
+    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, beta=beta), optim=OptimConfig(**optim),
                        rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
@@ -93,6 +93,17 @@ def test_minibatch_and_micro_batch_row_sets(optim, rows_per_forward):
     )
     assert forwards == expected
     assert len(calls) == sum(g for _, g in expected)
+
+
+def test_reference_forwards_are_micro_batched_too():
+    """With a KL term the reference model scores every row, in micro-batches of the same size, without grad."""
+    forwards, calls, *_ = run_step(beta=0.1, micro_batch_size=3)
+    mb0, mb1 = list(range(0, 8)), list(range(8, 16))
+    assert forwards == (
+        [(b, False) for b in blocks(mb1, 3)]  # pi_old of mini-batch 1
+        + [(b, False) for b in blocks(mb0 + mb1, 3)]  # reference log-probs of all rows
+        + [(b, True) for b in blocks(mb0, 3) + blocks(mb1, 3)]
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["kpo_clipped", "grpo", "gspo"])
