@@ -29,6 +29,13 @@ contributes 0 to the loss and gets no gradient, and is counted in `metrics["nonf
 still counts it (the caller's counts are computed from the mask before any log-prob is known), while
 seq-mean-token-mean averages each row over its remaining finite tokens.
 
+Log-ratio clamps (as verl). Token log-ratios log r_t = logp - old_logp are clamped to [-20, 20] before exp in
+GRPO and GMPO (and in the ratio metrics and the k3 KL); the rebuilt log-ratios, KPO's filtered rho_t and GSPO's
+sequence mean, are clamped above at 10 only (no lower bound: their ratios just go to 0). Each is a torch.clamp:
+beyond a bound the value is the bound's and the gradient through that token is exactly 0 (the token stops
+contributing to the update), not a straight-through gradient. tests/test_losses.py pins both bounds and the zero
+gradient with data on either side of each.
+
 Metrics (0-d detached float tensors, computed on this call's valid finite tokens, independent of `normalizer`):
     clip_frac_low, clip_frac_high, clip_frac_dual   share of tokens whose clipped (or dual-clip) term was the
                                    active one: low = A < 0 and ratio below the range, high = A > 0 and ratio above
@@ -55,8 +62,8 @@ from .kalman import causal_kalman_filter
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOG_RATIO_CLAMP = 20.0  # token log-ratios are clamped to +-this before exp (verl)
-MAX_LOG_RATIO = 10.0  # upper clamp on rebuilt log-ratios (KPO, GSPO), as verl's GSPO
+LOG_RATIO_CLAMP = 20.0  # token log-ratios are clamped to +-this before exp (verl); zero gradient beyond
+MAX_LOG_RATIO = 10.0  # upper clamp on rebuilt log-ratios (KPO, GSPO), as verl's GSPO; zero gradient beyond
 
 # Options every loss takes, with their defaults (the paper: seq-mean-token-mean, no KL term).
 _SHARED_DEFAULTS: dict[str, Any] = {"agg": "seq-mean-token-mean", "beta": 0.0, "kl_estimator": "k3"}

@@ -1,4 +1,9 @@
-"""Shared fixtures: the character tokenizer and a tiny random Llama, both built in code (no downloads)."""
+"""Shared fixtures: the character tokenizer and a tiny random Llama, both built in code (no downloads).
+
+Also marks the slow tests (`-m "not slow"` skips them; a plain `python -m pytest` runs everything): end-to-end
+runs in subprocesses or several training runs each. They are listed here rather than decorated in their files so
+that one place says what the quick subset leaves out (see tests/README.md).
+"""
 
 import pytest
 import torch
@@ -7,6 +12,23 @@ from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.tiny_models import build_tiny_random_model
 
 torch.set_num_threads(1)
+
+# Whole files, and single tests as "file::name" (any parametrization), that are slow.
+SLOW = {
+    "test_default_job.py",  # the default job learns: ~40 s subprocess
+    "test_ddp.py",  # two-process DDP (gloo) subprocesses
+    "test_resume.py",  # several runs, SIGKILL/SIGTERM subprocesses
+    "test_cli_errors.py::test_real_process_exit_code_and_debug_traceback",  # two CLI subprocesses
+    "test_end_to_end.py::test_run_py_few_steps_writes_tensorboard_and_final_model",
+    "test_metrics.py::test_two_process_gloo_sync",  # spawns two processes
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.path.name
+        if file in SLOW or f"{file}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

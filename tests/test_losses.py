@@ -18,6 +18,11 @@ from kpo_lightning.losses import (
 )
 
 C_NORM = 16.0  # agg_norm_constant used with seq-mean-token-sum-norm
+# The log-ratio clamps, written out (not imported) so that moving them in losses.py fails these tests: token
+# log-ratios to [-20, 20] (GRPO, GMPO), rebuilt log-ratios (KPO's filtered, GSPO's sequence) to <= 10. A
+# torch.clamp: beyond a bound the value is the bound's and the gradient is 0.
+CLAMP_TOKEN = 20.0
+CLAMP_REBUILT = 10.0
 
 
 def make_batch(B=7, T=9, scale=0.3, seed=0):
@@ -94,24 +99,28 @@ def reference(loss_type, logp, old, adv, mask, agg="seq-mean-token-mean", **opts
         z = [float(logp[i, t] - old[i, t]) for t in r]
         if loss_type == "grpo":
             for t, zt in zip(r, z):
-                ratio = math.exp(min(max(zt, -20), 20))
+                inside = -CLAMP_TOKEN <= zt <= CLAMP_TOKEN  # the clamp's gradient is 0 beyond its bounds
+                ratio = math.exp(min(max(zt, -CLAMP_TOKEN), CLAMP_TOKEN))
                 l, active = clip_term(ratio, a, o["clip_low"], o["clip_high"], o["dual_clip"])
                 value += w[(i, t)] * l
-                grad[i, t] = w[(i, t)] * (-a * ratio) * active
+                grad[i, t] = w[(i, t)] * (-a * ratio) * active * inside
         elif loss_type == "gspo":
-            s = math.exp(sum(z) / len(z))
+            seq = sum(z) / len(z)  # clamped above only: log s <= 10
+            s = math.exp(min(seq, CLAMP_REBUILT))
             for t in r:
                 l, active = clip_term(s, a, o["clip_low"], o["clip_high"], 0.0)
                 value += w[(i, t)] * l
-                grad[i, t] = w[(i, t)] * (-a * s) * active
+                grad[i, t] = w[(i, t)] * (-a * s) * active * (seq <= CLAMP_REBUILT)
         elif loss_type == "gmpo":
             lo, hi = o["clip_low"], o["clip_high"]
             ls, dls = [], []
             for zt in z:
+                # the token log-ratio is clamped to [-20, 20] first; only the bound on the unclipped side
+                # (below for A > 0, above for A < 0) can then be active
                 if a > 0:
-                    lt, dl = (hi, 0.0) if zt > hi else (zt, 1.0)
+                    lt, dl = (hi, 0.0) if zt > hi else (-CLAMP_TOKEN, 0.0) if zt < -CLAMP_TOKEN else (zt, 1.0)
                 elif a < 0:
-                    lt, dl = (-lo, 0.0) if zt < -lo else (zt, 1.0)
+                    lt, dl = (-lo, 0.0) if zt < -lo else (CLAMP_TOKEN, 0.0) if zt > CLAMP_TOKEN else (zt, 1.0)
                 else:
                     lt, dl = 0.0, 0.0
                 ls.append(lt)
@@ -124,13 +133,13 @@ def reference(loss_type, logp, old, adv, mask, agg="seq-mean-token-mean", **opts
         else:
             rho = loop_filter(z, o["kalman_q"], o["kalman_v"], o["kalman_p0"])
             for t, rt in zip(r, rho):
-                rhat = math.exp(min(rt, 10.0))
+                rhat = math.exp(min(rt, CLAMP_REBUILT))  # clamped above only: log r_hat <= 10
                 if loss_type == "kpo":
                     l, active = -a * rhat, True
                 else:
                     l, active = clip_term(rhat, a, o["clip_low"], o["clip_high"], o["dual_clip"])
                 value += w[(i, t)] * l
-                grad[i, t] = w[(i, t)] * (-a * rhat) * active
+                grad[i, t] = w[(i, t)] * (-a * rhat) * active * (rt <= CLAMP_REBUILT)
     return value, grad
 
 
@@ -141,17 +150,57 @@ def ours(loss_type, logp, old, adv, mask, **opts):
     return loss, grad, metrics
 
 
+# Options under which the clamps can show at scale 12 (|log r| up to ~40): without the dual clip GRPO's upper
+# clamp sets the loss of A < 0 tokens; with q = 1 the filtered log-ratio follows z past 10.
+EXTREME_OPTS = {"grpo": {"dual_clip": 0.0}, "kpo": {"kalman_q": 1.0}, "kpo_clipped": {"kalman_q": 1.0}}
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("scale", [1e-3, 0.3])
+@pytest.mark.parametrize("scale", [1e-3, 0.3, 12.0])
 def test_against_loop_reference(loss_type, agg, scale):
     logp, old, adv, mask = make_batch(scale=scale, seed=int(scale * 1000))
     extra = {"agg_norm_constant": C_NORM} if agg == "seq-mean-token-sum-norm" else {}
+    if scale > 1:
+        extra.update(EXTREME_OPTS.get(loss_type, {}))
+        z = (logp - old)[mask]
+        assert (z > CLAMP_TOKEN).any() and (z < -CLAMP_TOKEN).any()  # the data reaches both token clamps
     loss, grad, _ = ours(loss_type, logp, old, adv, mask, agg=agg, **extra)
-    ref_value, ref_grad = reference(loss_type, logp, old, adv, mask, agg=agg)
+    ref_value, ref_grad = reference(loss_type, logp, old, adv, mask, agg=agg, **extra)
     assert loss.item() == pytest.approx(ref_value, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
     assert (grad[~mask] == 0).all()
+
+
+# One row per case: (loss, options, advantage, token log-ratios, which tokens' gradient the clamp zeroes). Each
+# bound is met 0.5 inside and 0.5 outside, so moving or removing a clamp by more than 0.5 changes a value here.
+# KPO with q = 1e6: the gain is ~1 - 1e-6, so the filtered log-ratio is z to 1e-5 and crosses 10 with it.
+CLAMP_CASES = [
+    ("grpo", {"dual_clip": 0.0}, -1.0, [19.5, 20.5], [False, True]),  # upper token clamp, A < 0 (unclipped side)
+    ("grpo", {}, 1.0, [-19.5, -20.5], [False, True]),  # lower token clamp (A > 0 keeps tiny ratios unclipped)
+    ("gmpo", {}, -1.0, [19.5, 20.5], [False, True]),
+    ("gmpo", {}, 1.0, [-19.5, -20.5], [False, True]),
+    ("gspo", {}, -1.0, [10.5, 10.5], [True, True]),  # sequence log-ratio 10.5 > 10
+    ("gspo", {}, -1.0, [9.0, 10.0], [False, False]),  # 9.5: inside
+    ("gspo", {}, 1.0, [-25.0, -25.0], [False, False]),  # no lower clamp on the sequence ratio
+    ("kpo", {"kalman_q": 1e6}, -1.0, [9.5, 10.5], [False, True]),
+    ("kpo", {"kalman_q": 1e6}, 1.0, [-25.0, -30.0], [False, False]),  # no lower clamp on the filtered ratio
+    ("kpo_clipped", {"kalman_q": 1e6}, -1.0, [9.5, 10.5], [False, True]),
+]
+
+
+@pytest.mark.parametrize("loss_type, opts, a, z, clamped", CLAMP_CASES)
+def test_log_ratio_clamps_at_their_bounds(loss_type, opts, a, z, clamped):
+    """The value is the clamped one and the gradient is exactly 0 beyond a bound (torch.clamp), nonzero inside."""
+    logp = torch.full((1, len(z)), -1.0, dtype=torch.float64)
+    old = logp - torch.tensor([z], dtype=torch.float64)  # exact in float32: z is what the code sees
+    adv, mask = torch.tensor([a], dtype=torch.float64), torch.ones(1, len(z), dtype=torch.bool)
+    loss, grad, _ = ours(loss_type, logp, old, adv, mask, **opts)
+    ref_value, ref_grad = reference(loss_type, logp, old, adv, mask, **opts)
+    # float32 vs the float64 loop: measured max relative error 7.1e-7 (KPO gradient, z = -30); 2e-6 is ~3x that
+    assert loss.item() == pytest.approx(ref_value, rel=2e-6, abs=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-6, atol=0)
+    assert grad[0][torch.tensor(clamped)].eq(0).all() and grad[0][~torch.tensor(clamped)].ne(0).all()
 
 
 @pytest.mark.parametrize("loss_type", ["kpo", "kpo_clipped"])

@@ -38,4 +38,6 @@ def test_bf16_mixed_is_close(tmp_path):
     bf16 = grads(tmp_path, "bf16", precision="bf16-mixed")
     num = sum((bf16[k].float() - whole[k]).norm() ** 2 for k in whole) ** 0.5
     den = sum(whole[k].norm() ** 2 for k in whole) ** 0.5
-    assert num / den < 0.05
+    # measured relative error 3.8e-3 (tiny Llama, CPU autocast); 1e-2 is a 2.6x margin. The lower bound checks
+    # that bf16 autocast took effect at all (an fp32 run would give 0 here).
+    assert 1e-3 < num / den < 1e-2, float(num / den)

@@ -48,7 +48,19 @@ def test_engine_layout_and_masks(char_tokenizer, tiny_model):
             assert gen.truncated[row] and len(valid) == resp.numel()
         assert (resp[~m] == pad).all()
         assert torch.equal(gen.attention_mask[row, P:].bool(), m)
-    assert tiny_model.training is False or tiny_model.training is True  # mode restored, not forced
+
+
+def test_generation_runs_in_eval_mode_and_restores_train_mode(char_tokenizer, tiny_model):
+    """Sampling in eval mode (no dropout noise in the behaviour policy), then back to train mode for the update."""
+    modes = []
+    tiny_model.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    tiny_model.train()
+    HFGenerateEngine().generate(tiny_model, char_tokenizer, ["1+2="], SamplingParams(num_samples=2, max_new_tokens=4))
+    assert modes and not any(modes)  # every forward of generate() saw eval mode
+    assert tiny_model.training and all(m.training for m in tiny_model.modules())
+    tiny_model.eval()  # and a model that was in eval mode stays in it
+    HFGenerateEngine().generate(tiny_model, char_tokenizer, ["1+2="], SamplingParams(num_samples=2, max_new_tokens=4))
+    assert not any(m.training for m in tiny_model.modules())
 
 
 def test_make_rollout_scores_and_normalises(char_tokenizer, tiny_model):
@@ -56,13 +68,18 @@ def test_make_rollout_scores_and_normalises(char_tokenizer, tiny_model):
 
     def reward(prompt, completion, answer, **kw):
         calls.append((prompt, answer))
-        return float(len(completion) % 2)
+        # group 1+1= always scores 1 (zero variance); group 2+2= scores 1, 0, 1, 0 in sampling order
+        return 1.0 if prompt == "1+1=" else float(len(calls) % 2)
 
     r = make_rollout(HFGenerateEngine(), tiny_model, char_tokenizer, ["1+1=", "2+2="], ["2", "4"],
                      SamplingParams(num_samples=4, max_new_tokens=5), reward)
     assert r.rewards.shape == (8,) and r.advantages.shape == (8,)
     assert calls[:4] == [("1+1=", "2")] * 4 and calls[4:] == [("2+2=", "4")] * 4
+    assert r.rewards.tolist() == [1, 1, 1, 1, 1, 0, 1, 0]
+    assert r.advantages[:4].tolist() == [0, 0, 0, 0]  # a zero-variance group carries no signal
     for g in range(2):
         adv = r.advantages[g * 4 : (g + 1) * 4]
         assert abs(adv.sum().item()) < 1e-4  # centred within each group
-    assert 0.0 <= r.stats["zero_var_group_frac"] <= 1.0
+    assert (r.advantages[4:].sign() == torch.tensor([1.0, -1, 1, -1])).all()
+    assert r.stats["zero_var_group_frac"] == 0.5  # one of the two groups
+    assert r.stats["reward"] == 0.75
