@@ -10,8 +10,12 @@ allocator state a heavier neighbour leaves), and the blocks are repeated in roun
 them see the same drift in machine load; the median per call is one measurement. The whole
 measurement is repeated (--repeats, default 5) and each row is reported as min-median-max over the
 repetitions, its ratio to cumsum taken within the same repetition. Other processes on the machine
-distort multi-threaded timings badly (a thread that is descheduled stalls every parallel op), so
-the machine line (CPU, cores, torch threads, load average) is printed with every table.
+distort wall-time ratios badly (a thread that is descheduled stalls every parallel op, and a call
+longer than a scheduler time slice waits for the other processes while a short cumsum often runs
+undisturbed), so the machine line (CPU, cores, torch threads, load average) is printed with every
+table, and the ratio is also given in process CPU time, which a loaded machine distorts much less:
+at 1 thread it estimates the idle machine's wall-time ratio; at 2 threads it is the total CPU work
+(including the threads' spin-waits), not the wall time.
 
     python benchmarks/filter_speed.py --threads 1 2      # the README table (~1 min on 2 idle cores)
     python benchmarks/filter_speed.py [--quick] [--batch 256] [--tokens 4096] [--repeats 5] [--threads N ...]
@@ -52,22 +56,27 @@ def token_loop_filter(z: torch.Tensor, mask: torch.Tensor, q: float, v: float) -
     return out
 
 
-def call_times(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
-    """Seconds per call of each function: `rounds` rounds of `calls` timed calls each."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+def call_times(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds per call of each function: `rounds` rounds of `calls` timed calls each."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             for _ in range(2):  # warm up caches and buffers after the previous block
                 fn()
             for _ in range(calls):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 fn()
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append((time.perf_counter() - start, time.process_time() - cpu))
     return samples
 
 
-def measure(B: int, T: int, rounds: int, calls: int, quick: bool) -> tuple[dict[str, float], str]:
-    """One whole measurement: median seconds per call of each row (the token loop scaled to T), and its name."""
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(w for w, _ in samples), statistics.median(c for _, c in samples)
+
+
+def measure(B: int, T: int, rounds: int, calls: int, quick: bool) -> tuple[dict[str, tuple[float, float]], str]:
+    """One whole measurement: median (wall, CPU) seconds per call of each row (the token loop scaled to T), and
+    the token loop's row name."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(B, T, generator=g) * 0.1
     lengths = torch.randint(T // 8, T + 1, (B,), generator=g)
@@ -85,9 +94,9 @@ def measure(B: int, T: int, rounds: int, calls: int, quick: bool) -> tuple[dict[
     )
     loop_tokens = min(T, 128 if quick else 512)
     zl, ml = z[:, :loop_tokens].contiguous(), right_padded[:, :loop_tokens].contiguous()
-    loop = statistics.median(call_times({"loop": lambda: token_loop_filter(zl, ml, Q, V)}, 1, 3)["loop"])
-    med = {name: statistics.median(s) for name, s in fast.items()}
-    med[LOOP] = loop * T / loop_tokens
+    loop = medians(call_times({"loop": lambda: token_loop_filter(zl, ml, Q, V)}, 1, 3)["loop"])
+    med = {name: medians(s) for name, s in fast.items()}
+    med[LOOP] = (loop[0] * T / loop_tokens, loop[1] * T / loop_tokens)
     return med, f"token loop ({loop_tokens} tokens, scaled x{T / loop_tokens:g})"
 
 
@@ -120,15 +129,15 @@ def main() -> None:
         print(machine_line())
         print(f"B={B} T={T} float32; {args.repeats} repetitions of the whole measurement ({rounds} rounds x "
               f"{calls} calls of each row, median per call); min-median-max over the repetitions")
-        print(f"{'':42s} {'median ms':>22s} {'x cumsum (same repetition)':>28s}")
+        print(f"{'':42s} {'median ms':>22s} {'x cumsum':>18s} {'x cumsum, CPU time':>20s}")
         for name in (PAD, HOLES, CUMSUM, LOOP):
-            ms = [r[name] * 1e3 for r in reps]
-            ratio = [r[name] / r[CUMSUM] for r in reps]
             fmt = ".1f" if name == LOOP else ".2f"
-            print(f"{loop_name if name == LOOP else name:42s} {spread(ms, '.3f' if name != LOOP else '.1f'):>22s}"
-                  f" {spread(ratio, fmt):>28s}")
-        print(f"token loop / filter: {spread([r[LOOP] / r[PAD] for r in reps], '.0f')}x (right padding), "
-              f"{spread([r[LOOP] / r[HOLES] for r in reps], '.0f')}x (holes)\n", flush=True)
+            ms = spread([r[name][0] * 1e3 for r in reps], ".1f" if name == LOOP else ".3f")
+            ratio = spread([r[name][0] / r[CUMSUM][0] for r in reps], fmt)
+            cpu_ratio = spread([r[name][1] / r[CUMSUM][1] for r in reps], fmt)
+            print(f"{loop_name if name == LOOP else name:42s} {ms:>22s} {ratio:>18s} {cpu_ratio:>20s}")
+        print(f"token loop / filter: {spread([r[LOOP][0] / r[PAD][0] for r in reps], '.0f')}x (right padding), "
+              f"{spread([r[LOOP][0] / r[HOLES][0] for r in reps], '.0f')}x (holes)\n", flush=True)
 
 
 if __name__ == "__main__":
