@@ -75,7 +75,8 @@ def main() -> None:
 
     tail = max(1, args.steps // 4)
     header = ("| loss | val acc before | val acc after (mean +- sd over seeds; min-median-max) | "
-              "reward, last quarter | reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | switch freq filtered |")
+              "reward, last quarter | reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | "
+              "switch freq filtered |")
     print(f"\n{len(args.seeds)} seeds, {args.steps} rollout steps, {args.minibatches} mini-batches per rollout; "
           f"{len(args.losses) * len(args.seeds)} runs took {(time.perf_counter() - start) / 60:.1f} min")
     print(machine_line() + "\n")

@@ -8,6 +8,7 @@ Prints the machine line, one row per seed and min-median-max over the seeds.
 
     python benchmarks/default_job.py                    # seeds 0 1 2 (~3-4 min of CPU on 2 idle cores)
     python benchmarks/default_job.py --seeds 0 trainer.max_steps=20
+    python benchmarks/default_job.py --threads 1      # on a busy machine
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import time
 from pathlib import Path
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kpo_lightning.cli import main as run_main
@@ -34,8 +36,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="outputs/default_job")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's); 1 on a busy machine, where 2 threads stall each other")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(machine_line(), flush=True)
     rows = []
@@ -57,8 +63,9 @@ def main() -> None:
 
     print(machine_line())
     print(f"over seeds {' '.join(str(r[0]) for r in rows)}, min-median-max:")
-    print(f"  val accuracy before {spread([r[1] for r in rows])}, after {spread([r[2] for r in rows])}")
-    print(f"  training seconds {spread([r[4] for r in rows], '.1f')}, whole run seconds {spread([r[5] for r in rows], '.1f')}")
+    print(f"  val accuracy before {spread([r[1] for r in rows], '.3f')}, after {spread([r[2] for r in rows], '.3f')}")
+    print(f"  training seconds {spread([r[4] for r in rows], '.1f')}, "
+          f"whole run seconds {spread([r[5] for r in rows], '.1f')}")
 
 
 if __name__ == "__main__":

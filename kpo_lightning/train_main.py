@@ -84,7 +84,8 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)
 
     if trainer.is_global_zero:
-        print(f"{startup_banner(trainer, out)}\n[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", flush=True)
+        print(startup_banner(trainer, out), f"[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", sep="\n",
+              flush=True)
     if cfg.eval.every_n_steps > 0 and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
     try:

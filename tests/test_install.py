@@ -94,5 +94,6 @@ def test_installed_default_job_trains_one_step(installed):
     """The shipped tiny-arith model and the arithmetic task load from the installed package."""
     bin_dir, env, elsewhere, _ = installed
     out = run([str(bin_dir / "kpo-train"), "trainer.max_steps=1", "eval.every_n_steps=0", "output_dir=run",
-               "data.prompts_per_step=2", "rollout.num_generations=2", "optim.num_minibatches=1"], cwd=elsewhere, env=env)
+               "data.prompts_per_step=2", "rollout.num_generations=2", "optim.num_minibatches=1"],
+              cwd=elsewhere, env=env)
     assert "[kpo] kpo-lightning " in out and (elsewhere / "run" / "final" / "model.safetensors").exists()
