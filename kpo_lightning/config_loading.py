@@ -12,9 +12,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import fields, is_dataclass
 from importlib.resources import files
-from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kpo_lightning.config import Config
 from kpo_lightning.errors import UserInputError
+
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; the annotations are strings (from __future__)
+    from importlib.resources.abc import Traversable
 
 CONF_DIR: Traversable = files("kpo_lightning") / "conf"  # default.yaml and the built-in presets
 
