@@ -42,7 +42,7 @@ old log-probs (the no-grad forward) and update (the rest: policy forward/backwar
 torch runs on `--threads` threads (default 1) in both: on a small shared machine, oversubscribed threads make
 the tiny kernels of a tiny model many times slower and the timing meaningless.
 
-Run (under a minute on 2 CPU cores with the defaults, which are conf/default.yaml's P, G, L and M):
+Run (about a minute of CPU with the defaults, which are kpo_lightning/conf/default.yaml's P, G, L and M):
 
     pip install -e ".[bench]"
     python benchmarks/compare_trl.py
