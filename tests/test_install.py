@@ -59,6 +59,9 @@ def installed(tmp_path_factory):
 
 
 def test_wheel_ships_configs_presets_and_tiny_model(installed):
+    import kpo_lightning
+
+    assert installed[3].name.startswith(f"kpo_lightning-{kpo_lightning.__version__}-")  # the version's one source
     names = set(zipfile.ZipFile(installed[3]).namelist())
     for name in ("default.yaml", "paper.yaml", "smollm2.yaml"):
         assert f"kpo_lightning/conf/{name}" in names
