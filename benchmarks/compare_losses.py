@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from kpo_lightning.cli import main as run_main  # noqa: E402
+from machine import machine_line, spread  # noqa: E402  (benchmarks/machine.py; benchmarks/ is sys.path[0])
 
 LOSSES = ["grpo", "gspo", "gmpo", "kpo", "kpo_clipped"]
 
@@ -63,6 +65,8 @@ def main() -> None:
     p.add_argument("--plot", default="benchmarks/compare_losses.png")
     args = p.parse_args()
 
+    print(machine_line(), flush=True)
+    start = time.perf_counter()
     results: dict[str, list[dict]] = {}
     for loss in args.losses:
         for seed in args.seeds:
@@ -70,9 +74,12 @@ def main() -> None:
             results.setdefault(loss, []).append(run(loss, seed, args))
 
     tail = max(1, args.steps // 4)
-    header = ("| loss | val acc before | val acc after (mean +- sd over seeds) | reward, last quarter | "
-              "reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | switch freq filtered |")
-    print(f"\n{len(args.seeds)} seeds, {args.steps} rollout steps, {args.minibatches} mini-batches per rollout\n")
+    header = ("| loss | val acc before | val acc after (mean +- sd over seeds; min-median-max) | "
+              "reward, last quarter | reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | "
+              "switch freq filtered |")
+    print(f"\n{len(args.seeds)} seeds, {args.steps} rollout steps, {args.minibatches} mini-batches per rollout; "
+          f"{len(args.losses) * len(args.seeds)} runs took {(time.perf_counter() - start) / 60:.1f} min")
+    print(machine_line() + "\n")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for loss, runs in results.items():
@@ -84,7 +91,8 @@ def main() -> None:
                           "train/switch_freq_filtered")}
         sd = statistics.stdev(after) if len(after) > 1 else 0.0
         var = statistics.variance(last_reward) if len(last_reward) > 1 else 0.0
-        print(f"| {loss} | {mean(before):.3f} | {mean(after):.3f} +- {sd:.3f} | {mean(last_reward):.3f} | {var:.5f} | "
+        print(f"| {loss} | {mean(before):.3f} | {mean(after):.3f} +- {sd:.3f}; {spread(after, '.3f')} | "
+              f"{mean(last_reward):.3f} | {var:.5f} | "
               f"{diag['train/ratio_var_raw']:.2e} | {diag['train/ratio_var_filtered']:.2e} | "
               f"{diag['train/switch_freq_raw']:.3f} | {diag['train/switch_freq_filtered']:.3f} |")
 

@@ -42,11 +42,12 @@ old log-probs (the no-grad forward) and update (the rest: policy forward/backwar
 torch runs on `--threads` threads (default 1) in both: on a small shared machine, oversubscribed threads make
 the tiny kernels of a tiny model many times slower and the timing meaningless.
 
-Run (under a minute on 2 CPU cores with the defaults, which are conf/default.yaml's P, G, L and M):
+Run (about a minute of CPU with the defaults, which are kpo_lightning/conf/default.yaml's P, G, L and M):
 
     pip install -e ".[bench]"
     python benchmarks/compare_trl.py
-    python benchmarks/compare_trl.py --steps 20 --warmup 2 --prompts 8 --group 8 --max-new-tokens 12 --minibatches 4
+    python benchmarks/compare_trl.py --steps 20 --warmup 2 --prompts 8 --group 8 --max-new-tokens 12 --minibatches 4 \
+        --reps 3                                               # the README table: the defaults, written out
     python benchmarks/compare_trl.py --only ours --profile     # cProfile of the timed steps of one framework
 """
 
@@ -65,6 +66,8 @@ from pathlib import Path
 
 import torch
 
+from machine import machine_line, spread  # benchmarks/machine.py (benchmarks/ is sys.path[0])
+
 ASSET = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 # The shipped tiny-arith architecture (scripts/make_tiny_model.py), used for the random stand-in.
 TINY_ARITH_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -82,7 +85,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=12, help="L: max completion tokens")
     p.add_argument("--minibatches", type=int, default=4, help="M: optimizer steps per rollout")
-    p.add_argument("--reps", type=int, default=2, help="repetitions of the pair, alternating which one starts")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of the pair, alternating which one starts (3+ for a min-median-max spread)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, for both frameworks")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -443,6 +447,7 @@ def main() -> None:
     base, tokenizer, described = load_model(args.model)
     batches = prompt_batches(tokenizer, args)
     n_rows = args.prompts * args.group
+    print(machine_line())
     print(f"model: {described}; trl {trl.__version__}, torch {torch.__version__}, {args.threads} torch thread(s), "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"per rollout step: P={args.prompts} prompts x G={args.group} = {n_rows} samples of <= "
@@ -487,6 +492,10 @@ def main() -> None:
         per_rep = [(o.tokens / o.wall) / (t.tokens / t.wall) for o, t in zip(runs[OURS], runs[TRL])]
         print(f"\ntokens/s {OURS} / TRL: {ratio:.2f}x (per rep: {', '.join(f'{r:.2f}' for r in per_rep)}); "
               f"{'faster than' if ratio >= 1 else 'SLOWER than'} TRL (target: 1.5x)")
+        for name in names:
+            print(f"tokens/s {name} per rep, min-median-max: {spread([r.tokens / r.wall for r in runs[name]], '.0f')}")
+        print(f"tokens/s {OURS} / TRL per rep, min-median-max: {spread(per_rep)}")
+    print(machine_line())  # the load average at the end, too
     if profile is not None:
         import pstats
 

@@ -5,6 +5,8 @@ Names are imported lazily, so `import kpo_lightning.kalman` (plain tensor math) 
 
 import importlib
 
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
 _EXPORTS = {
     "Config": "config", "DataConfig": "config", "EvalConfig": "config", "LossConfig": "config",
     "OptimConfig": "config", "RewardConfig": "config", "RolloutConfig": "config", "ModelConfig": "config",

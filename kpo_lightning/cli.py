@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="a YAML file of config keys, merged over the defaults and preset")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--version", action="store_true",
+                   help="print the versions of kpo-lightning, torch, lightning, transformers and python, and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.type=kpo preset=smollm2")
     return p
 
@@ -37,6 +39,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = any(a.lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
     try:
         args = _parser().parse_args(argv)
+        if args.version:
+            from kpo_lightning.versions import version_line
+
+            print(version_line())
+            return 0
         cfg = load_config(args.overrides, args.config)
         check_config(cfg)
         if args.print_config:

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses behind OmegaConf, so a typo or a wrong type is an error, not a silent default.
 
-The dataclass defaults are the library's defaults (what you get building the pieces in Python); `conf/*.yaml`
-holds the runs (`conf/default.yaml` is the embedded default job, other files are presets merged over it).
+The dataclass defaults are the library's defaults (what you get building the pieces in Python);
+`kpo_lightning/conf/*.yaml` holds the runs (`default.yaml` is the embedded default job, other files are presets
+merged over it).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class Config:
     output_dir: str = "outputs/default"  # config.yaml, checkpoints/, tensorboard/, final/ go here
     resume: Optional[str] = None  # "auto", "auto_or_fresh" or a checkpoint path (see README, Reliability)
     mode: str = "train"  # train or eval
-    preset: Optional[str] = None  # a file conf/NAME.yaml merged over conf/default.yaml
+    preset: Optional[str] = None  # a file NAME.yaml (preset_dir's, else built in) merged over the default
+    preset_dir: Optional[str] = None  # a folder of your own NAME.yaml presets, searched before the built-in ones
     debug: bool = False  # show tracebacks for input errors
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

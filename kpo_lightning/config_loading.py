@@ -1,14 +1,19 @@
-"""Building the run's config: schema <- conf/default.yaml <- preset <- --config FILE <- key=value overrides.
+"""Building the run's config: schema <- default.yaml <- preset <- --config FILE <- key=value overrides.
 
-Unknown keys and wrong types become one-line `UserInputError`s that name the key (and the closest valid one).
+`default.yaml` and the built-in presets live inside the package (`kpo_lightning/conf/`, read with
+`importlib.resources`, so a plain wheel install finds them; the checkout's top-level `conf/` is a symlink to it).
+`preset_dir=DIR` names a folder of the user's own presets: `preset=NAME` reads `DIR/NAME.yaml` when it exists
+there, else the built-in one. Unknown keys and wrong types become one-line `UserInputError`s that name the key
+(and the closest valid one).
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import fields, is_dataclass
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from kpo_lightning.config import Config
 from kpo_lightning.errors import UserInputError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; the annotations are strings (from __future__)
+    from importlib.resources.abc import Traversable
+
+CONF_DIR: Traversable = files("kpo_lightning") / "conf"  # default.yaml and the built-in presets
 
 
 def _valid_keys(schema=Config, prefix: str = "") -> list[str]:
@@ -58,7 +66,7 @@ def _check_keys(d: dict, source: str) -> None:
             raise UserInputError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def _read_yaml(path: Path, what: str) -> dict:
+def _read_yaml(path: Union[Path, Traversable], what: str) -> dict:
     if not path.is_file():
         raise UserInputError(f"{what} {str(path)!r} does not exist")
     try:
@@ -87,20 +95,50 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return data
 
 
-def available_presets(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "default")
+def _presets_in(folder: Union[Path, Traversable]) -> dict[str, Union[Path, Traversable]]:
+    """NAME -> file for every NAME.yaml in `folder` except default.yaml (the base, not a preset)."""
+    return {f.name[: -len(".yaml")]: f for f in folder.iterdir()
+            if f.name.endswith(".yaml") and f.name != "default.yaml" and f.is_file()}
 
 
-def load_config(overrides: list[str], config_file: Optional[str] = None, conf_dir: Path = CONF_DIR) -> Config:
+def _preset_folder(preset_dir: Optional[str]) -> Optional[Path]:
+    if preset_dir is None:
+        return None
+    folder = Path(str(preset_dir)).expanduser()
+    if not folder.is_dir():
+        raise UserInputError(f"preset_dir={str(preset_dir)!r} is not a folder: give a folder holding NAME.yaml presets")
+    return folder
+
+
+def available_presets(conf_dir: Union[Path, Traversable] = CONF_DIR, preset_dir: Optional[str] = None) -> list[str]:
+    """Preset names: the built-in ones (in `conf_dir`) and those in the user's `preset_dir`."""
+    user = _preset_folder(preset_dir)
+    return sorted({**_presets_in(conf_dir), **(_presets_in(user) if user else {})})
+
+
+def load_config(overrides: list[str], config_file: Optional[str] = None,
+                conf_dir: Union[Path, Traversable] = CONF_DIR) -> Config:
     """Merge the layers over the typed schema and return a `Config` object (typed, validated types)."""
     cli = _parse_overrides(overrides)
     file_layer = _read_yaml(Path(config_file), "config file") if config_file else {}
     preset = cli.get("preset", file_layer.get("preset"))
+    preset_dir = cli.get("preset_dir", file_layer.get("preset_dir"))
     layers: list[dict] = [_read_yaml(conf_dir / "default.yaml", "config file")]
+    if preset_dir is not None and not preset:
+        raise UserInputError(f"preset_dir={preset_dir!r} is set but preset is not: add preset=NAME "
+                             f"(NAME.yaml in that folder)")
     if preset:
-        if preset not in available_presets(conf_dir):
-            raise UserInputError(f"preset={preset!r} is not a preset; use one of {', '.join(available_presets(conf_dir))}")
-        layers.append(_read_yaml(conf_dir / f"{preset}.yaml", "preset file"))
+        user = _preset_folder(preset_dir)
+        found = {**_presets_in(conf_dir), **(_presets_in(user) if user else {})}  # the user's folder wins
+        if str(preset) not in found:
+            where = f" in preset_dir={str(preset_dir)!r} or built in" if user else ""
+            raise UserInputError(f"preset={preset!r} is not a preset{where}; use one of {', '.join(sorted(found))}"
+                                 + ("" if user else ", or name your own folder of NAME.yaml files with preset_dir="))
+        preset_file = found[str(preset)]
+        layers.append(_read_yaml(preset_file, "preset file"))
+        if "preset_dir" in layers[-1] or "preset" in layers[-1]:
+            raise UserInputError(f"preset file {str(preset_file)!r} sets preset/preset_dir: a preset cannot name "
+                                 "another preset; remove that key")
     layers += [file_layer, cli]
 
     merged: DictConfig = OmegaConf.structured(Config)

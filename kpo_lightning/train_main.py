@@ -27,6 +27,7 @@ from kpo_lightning.export import save_hf_folder
 from kpo_lightning.models import load_model_and_tokenizer
 from kpo_lightning.module import KPOModule, NonFiniteTrainingError
 from kpo_lightning.rollout_callback import RolloutCallback
+from kpo_lightning.versions import startup_banner
 
 RESUME_AUTO = ("auto", "auto_or_fresh")
 
@@ -129,7 +130,8 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     trainer = build_trainer(cfg, [checkpoint, RolloutCallback()], logger)
 
     if trainer.is_global_zero:
-        print(f"[kpo] output: {out.resolve()}\n[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", flush=True)
+        print(startup_banner(trainer, out), f"[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", sep="\n",
+              flush=True)
     if cfg.eval.every_n_steps > 0 and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
     try:

@@ -21,6 +21,8 @@ SLOW = {
     "test_cli_errors.py::test_real_process_exit_code_and_debug_traceback",  # two CLI subprocesses
     "test_end_to_end.py::test_run_py_few_steps_writes_tensorboard_and_final_model",
     "test_metrics.py::test_two_process_gloo_sync",  # spawns two processes
+    "test_reward_timeouts.py::test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts",  # run.py subprocess
+    "test_reward_timeouts.py::test_sigterm_during_a_stuck_reward_stops_the_run",  # run.py subprocess + SIGTERM
 }
 
 

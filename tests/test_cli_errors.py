@@ -114,3 +114,30 @@ def test_print_config_of_presets(capsys):
         assert main([f"preset={preset}", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "Qwen/Qwen3-4B" in out and "kalman_q: 1.0e-06" in out
+
+
+def test_preset_dir_holds_the_users_own_presets(capsys, tmp_path):
+    mine = tmp_path / "presets"
+    mine.mkdir()
+    (mine / "tiny.yaml").write_text("trainer:\n  max_steps: 7\n")
+    (mine / "paper.yaml").write_text("model:\n  name_or_path: my/own-paper-model\n")  # shadows the built-in one
+    assert main([f"preset_dir={mine}", "preset=tiny", "--print-config"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+    assert main([f"preset_dir={mine}", "preset=paper", "--print-config"]) == 0
+    assert "my/own-paper-model" in capsys.readouterr().out
+    assert main([f"preset_dir={mine}", "preset=smollm2", "--print-config"]) == 0  # built-in ones stay reachable
+    assert "name_or_path: smollm2" in capsys.readouterr().out
+    in_file = tmp_path / "run.yaml"
+    in_file.write_text(f"preset_dir: {mine}\npreset: tiny\n")
+    assert main(["--config", str(in_file), "--print-config"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+
+
+def test_preset_dir_errors(capsys, tmp_path):
+    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path / 'nope'}", "preset=x"),
+                          "preset_dir", str(tmp_path / "nope"))
+    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=x"),
+                          "preset='x'", "preset_dir", "paper")
+    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}"), "preset_dir", "preset=NAME")
+    (tmp_path / "loop.yaml").write_text("preset: paper\n")
+    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=loop"), "loop.yaml", "preset")
