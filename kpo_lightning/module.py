@@ -24,7 +24,7 @@ from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
 from kpo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
-from kpo_lightning.models import disable_dropout
+from kpo_lightning.models import decay_parameter_names, disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import load_reward_fn
 from kpo_lightning.sharded_generation import full_weights_for_generation
@@ -114,13 +114,25 @@ class KPOModule(pl.LightningModule):
         )
         return [] if user_has_one else [RolloutCallback()]
 
+    def configure_model(self) -> None:
+        """Under `trainer.strategy=fsdp`, shard the policy and the KL reference (FSDP2 `fully_shard`, see
+        kpo_lightning/strategies.py); idempotent, as Lightning calls it before every fit/validate."""
+        from kpo_lightning.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            strategy.shard(self.policy)
+            for ref in self._reference:
+                strategy.shard(ref)
+
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        decay = set(decay_parameter_names(self.policy))
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim_cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+            {"params": [p for n, p in params if n in decay], "weight_decay": self.optim_cfg.weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},  # biases, norms
         ]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in params)
         opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas), fused=fused)
         total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
         warmup = math.ceil(self.optim_cfg.warmup_ratio * total)
@@ -133,8 +145,11 @@ class KPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
+        # The reference follows the policy: same device, same parameter dtype (bf16-true converts the policy),
+        # same sharding (configure_model) and the same autocast (its forward runs inside training_step).
+        dtype = next((p.dtype for p in self.policy.parameters() if p.dtype.is_floating_point), None)
         for ref in self._reference:
-            ref.to(self.device)
+            ref.to(device=self.device, dtype=dtype)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kpo"] = {
@@ -315,11 +330,22 @@ class KPOModule(pl.LightningModule):
         return raw, filtered, mask
 
     def _step_or_skip(self, opt, sched, loss: Tensor) -> float:
-        """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite."""
+        """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite.
+
+        Both are decided on global values, the same on every process: the norm is the whole model's (DDP
+        gradients are already all-reduced; FSDP's DTensor gradients give the norm over all shards), and a
+        non-finite loss on any process skips the step everywhere (else the processes' weights would drift apart).
+        """
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm, replicated
+            grad_norm = grad_norm.full_tensor()
+        bad = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.float())]).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.to(self.device), reduce_op="sum")
+        bad_loss, bad_norm = bool(bad[0] > 0), bool(bad[1] > 0)
+        finite = not (bad_loss or bad_norm)
         if finite:
             opt.step()
             sched.step()
@@ -327,7 +353,7 @@ class KPOModule(pl.LightningModule):
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            what = "loss" if bad_loss else "gradient norm"
             print(f"[kpo] rollout step {self.rollout_step}: non-finite {what}, optimizer step skipped "
                   f"({self.consecutive_skips} in a row)", flush=True)
             if self.consecutive_skips >= self.optim_cfg.max_skipped_steps:
@@ -337,7 +363,7 @@ class KPOModule(pl.LightningModule):
                     f"(optim.max_skipped_steps={self.optim_cfg.max_skipped_steps}); lower optim.lr or check the model"
                 )
         opt.zero_grad(set_to_none=True)
-        return float(grad_norm) if torch.isfinite(grad_norm) else float("nan")
+        return float(grad_norm) if not bad_norm else float("nan")
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
