@@ -28,6 +28,7 @@ from kpo_lightning.models import decay_parameter_names, disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import load_reward_fn
 from kpo_lightning.sharded_generation import full_weights_for_generation
+from kpo_lightning.strategies import is_sharded
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
@@ -187,6 +188,12 @@ class KPOModule(pl.LightningModule):
         size = self.optim_cfg.micro_batch_size or max(len(rows), 1)
         if self.optim_cfg.max_tokens_per_micro_batch > 0:
             size = min(size, max(1, self.optim_cfg.max_tokens_per_micro_batch // seq_len))
+        if is_sharded(self.policy) and self.trainer.world_size > 1:
+            # Every FSDP forward is a collective: all processes run the same number of micro-batches (the most any
+            # needs; their padded lengths differ), each process's rows split evenly among them.
+            count = torch.tensor(float(-(-len(rows) // size)), device=self.device)
+            count = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
+            return list(torch.tensor_split(rows, count)) if count > 0 else []
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
     @torch.no_grad()

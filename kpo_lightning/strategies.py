@@ -17,9 +17,7 @@ from typing import Iterator, Optional
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
-MIXED_PRECISIONS = ("bf16-mixed",)
+MIXED_PRECISIONS = ("bf16-mixed",)  # the accepted sets are in config_checks (STRATEGIES, PRECISIONS)
 
 
 class FSDPStrategy(ModelParallelStrategy):
