@@ -191,7 +191,7 @@ class KPOModule(pl.LightningModule):
         if is_sharded(self.policy) and self.trainer.world_size > 1:
             # Every FSDP forward is a collective: all processes run the same number of micro-batches (the most any
             # needs; their padded lengths differ), each process's rows split evenly among them.
-            count = torch.tensor(float(-(-len(rows) // size)), device=self.device)
+            count = torch.tensor(float(-(-len(rows) // size)), dtype=torch.float32, device=self.device)
             count = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
             return list(torch.tensor_split(rows, count)) if count > 0 else []
         return [rows[i : i + size] for i in range(0, len(rows), size)]
@@ -202,9 +202,11 @@ class KPOModule(pl.LightningModule):
         is on-policy: its training forward supplies them), and reference log-probs of all rows when beta > 0."""
         gen = rollout.generation
         n, width = gen.response_mask.shape
-        old = torch.zeros(n, width, device=gen.input_ids.device)
-        ent = torch.zeros(n, width, device=gen.input_ids.device)
-        ref = torch.zeros(n, width, device=gen.input_ids.device) if self.loss_cfg.beta > 0 else None
+        # float32 explicitly: under bf16-true Lightning makes bfloat16 the default dtype inside training_step.
+        f32 = dict(dtype=torch.float32, device=gen.input_ids.device)
+        old = torch.zeros(n, width, **f32)
+        ent = torch.zeros(n, width, **f32)
+        ref = torch.zeros(n, width, **f32) if self.loss_cfg.beta > 0 else None
         all_rows = torch.arange(n, device=gen.input_ids.device)
         for rows in self._micro_batches(all_rows[first_row:], gen.input_ids.shape[1]):
             old[rows], ent[rows] = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
@@ -242,7 +244,7 @@ class KPOModule(pl.LightningModule):
         sched = self.lr_schedulers()
         world = self.trainer.world_size
         sums: dict[str, Tensor] = {}  # kept on the device: one sync at the end of the step, not per micro-batch
-        n_tokens = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), dtype=torch.float32, device=device)  # float32 also under bf16-true
         grad_norms: list[float] = []
         minibatch_losses: list[float] = []
         last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
@@ -253,11 +255,12 @@ class KPOModule(pl.LightningModule):
                 off_policy = epoch > 0 or mb > 0
                 # Normalise by the whole mini-batch's count, summed over processes; DDP averages gradients, so
                 # each process divides by (global count / world size) to get the global-batch gradient.
-                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])), device=device)
+                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])),
+                                    dtype=torch.float32, device=device)
                 if world > 1:
                     norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
                 normalizer = norm.item() / world
-                loss_total = torch.zeros((), device=device)
+                loss_total = torch.zeros((), dtype=torch.float32, device=device)
                 micro_batches = self._micro_batches(mb_rows, gen.input_ids.shape[1])
                 for i, rows in enumerate(micro_batches):
                     # Under DDP, all-reduce gradients once per optimizer step, on the last micro-batch.
