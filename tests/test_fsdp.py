@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.tiny_models import build_tiny_random_model
@@ -87,10 +88,15 @@ def test_two_fsdp_processes_equal_single_process(tmp_path, loss, agg, extra):
         assert one["logs"]["train/kl"] == rank0["logs"]["train/kl"] == rank1["logs"]["train/kl"] == 0.0
 
 
-def test_nonfinite_loss_on_one_process_skips_the_step_on_all(tmp_path):
-    rank0, rank1 = fsdp_pair(tmp_path / "two", "kpo", "seq-mean-token-mean", nan_loss_rank=1)
+def test_nonfinite_loss_on_one_process_skips_the_step_on_all_bf16_true(tmp_path):
+    """Rank 1's loss is NaN (its gradient finite): both processes skip. Run under bf16-true with a KL reference,
+    so FSDP's bf16-true path (weights and sharded reference in bfloat16, KL 0 at step 0) is covered too."""
+    rank0, rank1 = fsdp_pair(tmp_path / "two", "kpo", "seq-mean-token-mean", nan_loss_rank=1,
+                             precision="bf16-true", beta=0.1)
+    assert rank0["sharded"] == [True, True] and rank0["dtypes"] == ["torch.bfloat16"] * 2
+    assert rank0["logs"]["train/kl"] == rank1["logs"]["train/kl"] == 0.0
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
-    init = build_tiny_random_model(build_char_tokenizer(), seed=0).state_dict()
+    init = build_tiny_random_model(build_char_tokenizer(), seed=0).to(torch.bfloat16).state_dict()
     for rank in (rank0, rank1):  # no process stepped: the shards stay one consistent (initial) model
         for name, w in rank["weights"].items():
             assert torch.equal(w, init[name]), name
@@ -107,10 +113,15 @@ def test_run_py_fsdp_two_cpu_processes_exports_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "run.py", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
            "trainer.max_steps=2", "trainer.precision=bf16-mixed", "loss.beta=0.05", f"output_dir={out}",
-           "data.prompts_per_step=4", "rollout.num_generations=4", "optim.num_minibatches=2",
+           "data.prompts_per_step=4", "rollout.num_generations=4", "optim.num_minibatches=1",
            "data.val_size=4", "eval.every_n_steps=2", "eval.k=2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    kl = [e.value for e in acc.Scalars("train/kl")]
+    assert len(kl) == 2 and kl[0] == 0.0 and kl[1] > 0  # the sharded bf16 reference equals the policy at step 0
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [0, 2]  # sharded generation in validation too
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     base = AutoModelForCausalLM.from_pretrained(TINY_ARITH)
     ckpt = load_policy_weights(AutoModelForCausalLM.from_pretrained(TINY_ARITH), out / "checkpoints" / "step-000002.ckpt")
