@@ -253,7 +253,7 @@ class KPOModule(pl.LightningModule):
             for mb in range(self.optim_cfg.num_minibatches):
                 mb_rows = torch.arange(mb * rows_per_mb, (mb + 1) * rows_per_mb, device=device)
                 off_policy = epoch > 0 or mb > 0
-                # Normalise by the whole mini-batch's count, summed over processes; DDP averages gradients, so
+                # Normalise by the whole mini-batch's count, summed over processes; DDP and FSDP average gradients, so
                 # each process divides by (global count / world size) to get the global-batch gradient.
                 norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])),
                                     dtype=torch.float32, device=device)

@@ -63,27 +63,28 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    """Does `model` hold FSDP-sharded modules (itself, or the transformer inside a peft wrapper)?"""
+    return bool(fsdp_modules(model))
 
 
 def shard_model(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module:
-    """`fully_shard` each transformer block, then the whole model (the root holds embeddings, head, final norm).
+    """`fully_shard` each transformer block, then the whole transformer (the root: embeddings, head, final norm).
 
-    Every unit reshards after its forward (memory first); `full_weights_for_generation` turns that off while
-    sampling. Returns the same object, now an FSDP module.
+    Under peft the root is the transformer inside the wrapper (`get_base_model()`): `generate` calls that model's
+    forward directly, and FSDP needs every forward to enter through its root. Every unit reshards after its
+    forward (memory first); `full_weights_for_generation` turns that off while sampling. Returns `model`.
     """
     from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return model
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
     policy = _mixed_precision_policy(precision)
-    classes = _layer_classes(model)
-    for module in list(model.modules()):
-        if module is not model and type(module).__name__ in classes:
+    classes = _layer_classes(root)
+    for module in list(root.modules()):
+        if module is not root and type(module).__name__ in classes:
             fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 

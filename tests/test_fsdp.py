@@ -124,7 +124,8 @@ def test_run_py_fsdp_two_cpu_processes_exports_a_loadable_model(tmp_path):
     assert [e.step for e in acc.Scalars("val/accuracy")] == [0, 2]  # sharded generation in validation too
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     base = AutoModelForCausalLM.from_pretrained(TINY_ARITH)
-    ckpt = load_policy_weights(AutoModelForCausalLM.from_pretrained(TINY_ARITH), out / "checkpoints" / "step-000002.ckpt")
+    last = out / "checkpoints" / "step-000002.ckpt"
+    ckpt = load_policy_weights(AutoModelForCausalLM.from_pretrained(TINY_ARITH), last)
     got, before, saved = final.state_dict(), base.state_dict(), ckpt.state_dict()
     assert got.keys() == before.keys()
     assert final.dtype == torch.float32  # the float32 master weights, not the bf16 compute copies
