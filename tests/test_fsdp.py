@@ -133,3 +133,23 @@ def test_run_py_fsdp_two_cpu_processes_exports_a_loadable_model(tmp_path):
     assert moved > 0.5, moved  # it trained
     for k in got:  # final/ holds the same whole weights as the last checkpoint
         assert torch.equal(got[k], saved[k]), k
+
+
+def test_run_py_fsdp_lora_generates_and_exports_the_merged_model(tmp_path):
+    """LoRA under FSDP: peft's generate enters the transformer below the wrapper, which must be the FSDP root;
+    final/ is the merged model, gathered from the shards."""
+    from transformers import AutoModelForCausalLM
+
+    from kpo_lightning.models import TINY_ARITH
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run.py", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
+           "trainer.max_steps=1", "model.lora.r=4", "optim.lr=1e-2", f"output_dir={out}", "data.prompts_per_step=4",
+           "rollout.num_generations=4", "optim.num_minibatches=1", "eval.every_n_steps=0", "data.val_size=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    before = AutoModelForCausalLM.from_pretrained(TINY_ARITH).state_dict()
+    assert got.keys() == before.keys()  # a plain model: adapters merged
+    changed = [k for k in got if not torch.equal(got[k], before[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed), changed  # only adapted layers moved
