@@ -28,7 +28,7 @@ from kpo_lightning.models import decay_parameter_names, disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import load_reward_fn
 from kpo_lightning.sharded_generation import full_weights_for_generation
-from kpo_lightning.strategies import is_sharded
+from kpo_lightning.strategies import FSDPStrategy, is_sharded
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
@@ -116,11 +116,22 @@ class KPOModule(pl.LightningModule):
         return [] if user_has_one else [RolloutCallback()]
 
     def configure_model(self) -> None:
-        """Under `trainer.strategy=fsdp`, shard the policy and the KL reference (FSDP2 `fully_shard`, see
-        kpo_lightning/strategies.py); idempotent, as Lightning calls it before every fit/validate."""
-        from kpo_lightning.strategies import FSDPStrategy
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        """float32 master weights under 32-true and bf16-mixed (a policy given in bfloat16 is converted, saying
+        so: AdamW updates at small learning rates round away in bfloat16 weights); under `trainer.strategy=fsdp`,
+        shard the policy and the KL reference (FSDP2 `fully_shard`, kpo_lightning/strategies.py). Idempotent:
+        Lightning calls it before every fit and validate."""
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        if self.trainer.precision in ("32-true", "bf16-mixed") and not is_sharded(self.policy):
+            low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
+            if low:
+                if self.global_rank == 0:
+                    print(f"[kpo] the policy's weights are {', '.join(low)} under precision={self.trainer.precision}: "
+                          "converted to float32 master weights (bf16-true trains bfloat16 weights)", flush=True)
+                self.policy.float()
+                for ref in self._reference:
+                    ref.float()
         if isinstance(strategy, FSDPStrategy):
             strategy.shard(self.policy)
             for ref in self._reference:

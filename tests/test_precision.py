@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from kpo_lightning import KPOModule
+from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import Config, LossConfig, ModelConfig, OptimConfig, RolloutConfig
 from kpo_lightning.config_checks import PRECISIONS, STRATEGIES, check_config
 from kpo_lightning.errors import UserInputError
 from kpo_lightning.models import load_model_and_tokenizer
+from kpo_lightning.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from ddp_gradient import G, FixedRollout, global_rollout  # noqa: E402
@@ -30,6 +32,24 @@ def test_mixed_precision_loads_float32_saying_so_once(capsys):
     model, _ = load_model_and_tokenizer(ModelConfig(dtype="bfloat16"))  # not training (mode=eval): as asked
     assert next(model.parameters()).dtype == torch.bfloat16
     assert "model.dtype" not in capsys.readouterr().out
+
+
+def test_module_gives_a_bf16_policy_float32_master_weights_under_bf16_mixed(capsys):
+    """The Python API path (a user's own bf16 model and Trainer): the module converts, saying so once."""
+    tok = build_char_tokenizer()
+    model = build_tiny_random_model(tok, seed=0).to(torch.bfloat16)
+    module = KPOModule(model, tok, optim=OptimConfig(num_minibatches=1), rollout=RolloutConfig(num_generations=G),
+                       reward_fn=lambda **kw: 0.0)
+    data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}] * 2, batch_size=None)
+    for _ in range(2):  # the second fit finds float32 weights: no second message
+        trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=1,
+                             limit_train_batches=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[FixedRollout(global_rollout(len(tok)))])
+        trainer.fit(module, train_dataloaders=data)
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    out = capsys.readouterr().out
+    assert out.count("converted to float32 master weights") == 1, out
 
 
 def fraction_moved(precision: str, steps: int = 2) -> float:
