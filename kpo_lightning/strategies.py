@@ -1,12 +1,14 @@
-"""The training strategies and precisions the config accepts, and the project's FSDP route (FSDP2 `fully_shard`).
+"""The project's FSDP route: FSDP2 (`fully_shard`) through Lightning's `ModelParallelStrategy`, on GPUs and CPUs.
 
 `trainer.strategy=fsdp` builds `FSDPStrategy`: Lightning's `ModelParallelStrategy` with one data-parallel mesh
 dimension over every process (no tensor parallelism). The module's `configure_model` hook shards the policy (and
-the KL reference) with torch's `fully_shard`: every decoder layer is one unit, the whole model the root. The
-LightningModule itself is never wrapped, so `manual_backward` inside `training_step` is an ordinary backward,
-which Lightning's FSDP1 `FSDPStrategy` cannot give (it runs `training_step` inside the wrapped root's forward).
-Parameters stay DTensors with their logical shapes and names, so name-based weight decay, `clip_grad_norm_` (a
-global norm) and full state dicts work as without sharding. The same code path runs on CPU with gloo.
+the KL reference) with torch's `fully_shard`: every decoder layer is one unit, the transformer the root (a model
+without transformers' `_no_split_modules` is one unit). The LightningModule itself is never wrapped, so
+`manual_backward` inside `training_step` is an ordinary backward, which Lightning's FSDP1 `FSDPStrategy` cannot
+give (it runs `training_step` inside the wrapped root's forward). Parameters stay DTensors with their logical
+shapes and names, so name-based weight decay, `clip_grad_norm_` (a global norm) and full state dicts work as
+without sharding. The same code path runs on CPU with gloo. The accepted strategies and precisions are listed in
+`config_checks` (STRATEGIES, PRECISIONS).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-MIXED_PRECISIONS = ("bf16-mixed",)  # the accepted sets are in config_checks (STRATEGIES, PRECISIONS)
+MIXED_PRECISIONS = ("bf16-mixed",)
 
 
 class FSDPStrategy(ModelParallelStrategy):
