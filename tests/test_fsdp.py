@@ -48,7 +48,7 @@ def fsdp_pair(out: Path, loss: str, agg: str, **extra) -> list[dict]:
 @pytest.mark.parametrize("loss, agg, extra", [
     # one mini-batch, one micro-batch per process; no clipping; KL against the (sharded) reference
     ("kpo", "seq-mean-token-mean", {"beta": 0.1}),
-    # two optimizer steps (the second off-policy), two micro-batches per step, clipping active (norm ~0.7 > 0.1)
+    # two optimizer steps (the second off-policy), two micro-batches per step, clipping active (norm ~1 > 0.1)
     ("grpo", "token-mean", {"num_minibatches": 2, "micro_batch_size": 2, "grad_clip": 0.1}),
 ])
 def test_two_fsdp_processes_equal_single_process(tmp_path, loss, agg, extra):
@@ -74,7 +74,8 @@ def test_two_fsdp_processes_equal_single_process(tmp_path, loss, agg, extra):
 
     # The logged gradient norm is the global one (the same as one process's), equal on both processes.
     norm = one["logs"]["train/grad_norm"]
-    assert norm > extra.get("grad_clip", 0.0) > 0 or "grad_clip" not in extra
+    if "grad_clip" in extra:
+        assert norm > extra["grad_clip"]  # clipping acted (a per-shard norm would clip the shards differently)
     assert rank0["logs"]["train/grad_norm"] == rank1["logs"]["train/grad_norm"] == pytest.approx(norm, rel=1e-5)
 
     # Weight decay is chosen by name: the same groups sharded or not; no norm weight or bias is decayed.
