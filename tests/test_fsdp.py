@@ -89,6 +89,18 @@ def test_two_fsdp_processes_equal_single_process(tmp_path, loss, agg, extra):
         assert one["logs"]["train/kl"] == rank0["logs"]["train/kl"] == rank1["logs"]["train/kl"] == 0.0
 
 
+def test_bf16_mixed_fsdp_keeps_float32_shards_and_a_close_gradient(tmp_path):
+    """bf16-mixed under FSDP: float32 master shards, bfloat16 all-gathers and compute, float32 gradient reduction."""
+    exact = single(tmp_path / "one", "kpo", "seq-mean-token-mean")
+    rank0, _ = fsdp_pair(tmp_path / "two", "kpo", "seq-mean-token-mean", precision="bf16-mixed")
+    assert rank0["dtypes"] == ["torch.float32"]
+    assert all(g.dtype == torch.float32 for g in rank0["grads"].values())
+    num = sum((rank0["grads"][k] - g).norm() ** 2 for k, g in exact["grads"].items()) ** 0.5
+    den = sum(g.norm() ** 2 for g in exact["grads"].values()) ** 0.5
+    # Measured: 0.0056 relative to the float32 gradient (single-process autocast: 0.0038); 3x margin.
+    assert num / den < 0.02
+
+
 def test_nonfinite_loss_on_one_process_skips_the_step_on_all_bf16_true(tmp_path):
     """Rank 1's loss is NaN (its gradient finite): both processes skip. Run under bf16-true with a KL reference,
     so FSDP's bf16-true path (weights and sharded reference in bfloat16, KL 0 at step 0) is covered too."""
