@@ -23,7 +23,7 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, smollm2
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
-    dtype: str = "float32"  # float32, bfloat16, float16
+    dtype: str = "float32"  # float32, bfloat16, float16 (training: float32 master weights unless bf16-true)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -104,8 +104,8 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu, gpu, auto (Lightning)
     devices: str = "1"  # an int as a string, "auto", or a list like "0,1"
     num_nodes: int = 1  # machines (Lightning)
-    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed_stage_2, ... (Lightning strategies)
-    precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true (Lightning)
+    strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, kpo_lightning/strategies.py)
+    precision: str = "32-true"  # 32-true, bf16-mixed (float32 weights, bf16 compute), bf16-true (bf16 weights)
     log_every_n_steps: int = 1  # Lightning's own logging interval (our curves log every rollout step)
 
 

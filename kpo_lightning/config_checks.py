@@ -15,6 +15,9 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MODES = ("train", "eval")
+# Every strategy and precision accepted here is trained in the test suite on CPU processes (see README, Scale).
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
 # Lower bounds, checked in one loop (keys that may be null are skipped when null).
@@ -102,6 +105,7 @@ def check_config(cfg: Config) -> None:
             _fail(f"loss.{key}", value, "a clip bound must lie in (0, 1), e.g. 0.2")
     if cfg.loss.dual_clip is not None and not (cfg.loss.dual_clip == 0 or cfg.loss.dual_clip > 1.0):
         _fail("loss.dual_clip", cfg.loss.dual_clip, "it must be > 1 (verl uses 3.0), or 0 to disable it")
+    _check_strategy_and_precision(cfg)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         _fail("rollout.top_p", cfg.rollout.top_p, "it must lie in (0, 1]")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
@@ -115,6 +119,20 @@ def check_config(cfg: Config) -> None:
     if cfg.resume not in (None, "auto", "auto_or_fresh") and not Path(cfg.resume).exists():
         _fail("resume", cfg.resume,
               "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null")
+
+
+def _check_strategy_and_precision(cfg: Config) -> None:
+    strategy, precision = cfg.trainer.strategy, cfg.trainer.precision
+    if str(strategy).startswith("deepspeed"):
+        _fail("trainer.strategy", strategy, "DeepSpeed is not supported; use trainer.strategy=fsdp to shard the "
+              "model (or ddp)")
+    if strategy not in STRATEGIES:
+        _fail("trainer.strategy", strategy, f"use one of {', '.join(STRATEGIES)} (fsdp shards the model with FSDP2)")
+    if precision in ("16-mixed", "16", "16-true"):
+        _fail("trainer.precision", precision, "float16 needs a gradient scaler the manual optimizer step does not "
+              "run; use bf16-mixed (float32 master weights, bfloat16 compute)")
+    if precision not in PRECISIONS:
+        _fail("trainer.precision", precision, f"use one of {', '.join(PRECISIONS)}")
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

@@ -95,15 +95,39 @@ def check_model_source(cfg: ModelConfig) -> None:
         resolve_model_path(cfg.name_or_path)
 
 
-def load_model_and_tokenizer(cfg: ModelConfig):
-    """The policy (with LoRA adapters when cfg.lora.r > 0) and its tokenizer (left padding, a pad token)."""
+def training_dtype(dtype: str, precision: str) -> torch.dtype:
+    """The dtype the policy is loaded in for training under `trainer.precision`: the weights the optimizer updates.
+
+    32-true and bf16-mixed keep float32 master weights (bf16 weights at lr 1e-6 barely move: most updates round
+    away), so another `model.dtype` is overridden, saying so once; bf16-true trains bfloat16 weights by choice.
+    """
+    wanted = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    if DTYPES[dtype] != wanted and precision != "bf16-true":
+        _note_once(f"[kpo] model.dtype={dtype} with trainer.precision={precision}: the policy is loaded in float32 "
+                   "(master weights the optimizer updates; compute follows trainer.precision). "
+                   "trainer.precision=bf16-true trains bfloat16 weights instead.")
+    return wanted
+
+
+def _note_once(message: str) -> None:
+    """Print on the first process only (processes launched by Lightning carry LOCAL_RANK/NODE_RANK > 0)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, precision: Optional[str] = None):
+    """The policy (with LoRA adapters when cfg.lora.r > 0) and its tokenizer (left padding, a pad token).
+
+    With `precision` (training), the weights' dtype follows `training_dtype`; without it, `cfg.dtype`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    dtype = training_dtype(cfg.dtype, precision) if precision is not None else DTYPES[cfg.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(
@@ -145,3 +169,16 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     if config is not None and isinstance(getattr(config, "attention_dropout", None), float):
         config.attention_dropout = 0.0
     return model
+
+
+# transformers' Trainer rule: no decay for biases and normalisation weights.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: all but biases and normalisation weights, chosen by name and
+    module type (the rule of transformers' Trainer), so it means the same sharded or not (FSDP1 flattens tensors,
+    which breaks a rule on `ndim`)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS))

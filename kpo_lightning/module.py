@@ -24,10 +24,11 @@ from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
 from kpo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
-from kpo_lightning.models import disable_dropout
+from kpo_lightning.models import decay_parameter_names, disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import reward_from_config
 from kpo_lightning.sharded_generation import full_weights_for_generation
+from kpo_lightning.strategies import FSDPStrategy, is_sharded
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
@@ -115,13 +116,36 @@ class KPOModule(pl.LightningModule):
         )
         return [] if user_has_one else [RolloutCallback()]
 
+    def configure_model(self) -> None:
+        """float32 master weights under 32-true and bf16-mixed (a policy given in bfloat16 is converted, saying
+        so: AdamW updates at small learning rates round away in bfloat16 weights); under `trainer.strategy=fsdp`,
+        shard the policy and the KL reference (FSDP2 `fully_shard`, kpo_lightning/strategies.py). Idempotent:
+        Lightning calls it before every fit and validate."""
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        if self.trainer.precision in ("32-true", "bf16-mixed") and not is_sharded(self.policy):
+            low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
+            if low:
+                if self.global_rank == 0:
+                    print(f"[kpo] the policy's weights are {', '.join(low)} under precision={self.trainer.precision}: "
+                          "converted to float32 master weights (bf16-true trains bfloat16 weights)", flush=True)
+                self.policy.float()
+                for ref in self._reference:
+                    ref.float()
+        if isinstance(strategy, FSDPStrategy):
+            strategy.shard(self.policy)
+            for ref in self._reference:
+                strategy.shard(ref)
+
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        decay = set(decay_parameter_names(self.policy))
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim_cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+            {"params": [p for n, p in params if n in decay], "weight_decay": self.optim_cfg.weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},  # biases, norms
         ]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in params)
         opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas), fused=fused)
         if self.warmup_steps is None:  # fixed when the run starts; a resumed run keeps it (see on_load_checkpoint)
             total = self.optimizer_steps_per_rollout * max(1, int(min(self.trainer.estimated_stepping_batches, 1e9)))
@@ -140,8 +164,11 @@ class KPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
+        # The reference follows the policy: same device, same parameter dtype (bf16-true converts the policy),
+        # same sharding (configure_model) and the same autocast (its forward runs inside training_step).
+        dtype = next((p.dtype for p in self.policy.parameters() if p.dtype.is_floating_point), None)
         for ref in self._reference:
-            ref.to(self.device)
+            ref.to(device=self.device, dtype=dtype)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kpo"] = {
@@ -182,6 +209,12 @@ class KPOModule(pl.LightningModule):
         size = self.optim_cfg.micro_batch_size or max(len(rows), 1)
         if self.optim_cfg.max_tokens_per_micro_batch > 0:
             size = min(size, max(1, self.optim_cfg.max_tokens_per_micro_batch // seq_len))
+        if is_sharded(self.policy) and self.trainer.world_size > 1:
+            # Every FSDP forward is a collective: all processes run the same number of micro-batches (the most any
+            # needs; their padded lengths differ), each process's rows split evenly among them.
+            count = torch.tensor(float(-(-len(rows) // size)), dtype=torch.float32, device=self.device)
+            count = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
+            return list(torch.tensor_split(rows, count)) if count > 0 else []
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
     @torch.no_grad()
@@ -190,9 +223,11 @@ class KPOModule(pl.LightningModule):
         is on-policy: its training forward supplies them), and reference log-probs of all rows when beta > 0."""
         gen = rollout.generation
         n, width = gen.response_mask.shape
-        old = torch.zeros(n, width, device=gen.input_ids.device)
-        ent = torch.zeros(n, width, device=gen.input_ids.device)
-        ref = torch.zeros(n, width, device=gen.input_ids.device) if self.loss_cfg.beta > 0 else None
+        # float32 explicitly: under bf16-true Lightning makes bfloat16 the default dtype inside training_step.
+        f32 = dict(dtype=torch.float32, device=gen.input_ids.device)
+        old = torch.zeros(n, width, **f32)
+        ent = torch.zeros(n, width, **f32)
+        ref = torch.zeros(n, width, **f32) if self.loss_cfg.beta > 0 else None
         all_rows = torch.arange(n, device=gen.input_ids.device)
         for rows in self._micro_batches(all_rows[first_row:], gen.input_ids.shape[1]):
             old[rows], ent[rows] = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
@@ -230,7 +265,7 @@ class KPOModule(pl.LightningModule):
         sched = self.lr_schedulers()
         world = self.trainer.world_size
         sums: dict[str, Tensor] = {}  # kept on the device: one sync at the end of the step, not per micro-batch
-        n_tokens = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), dtype=torch.float32, device=device)  # float32 also under bf16-true
         grad_norms: list[float] = []
         minibatch_losses: list[float] = []
         last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
@@ -239,13 +274,14 @@ class KPOModule(pl.LightningModule):
             for mb in range(self.optim_cfg.num_minibatches):
                 mb_rows = torch.arange(mb * rows_per_mb, (mb + 1) * rows_per_mb, device=device)
                 off_policy = epoch > 0 or mb > 0
-                # Normalise by the whole mini-batch's count, summed over processes; DDP averages gradients, so
+                # Normalise by the whole mini-batch's count, summed over processes; DDP and FSDP average gradients, so
                 # each process divides by (global count / world size) to get the global-batch gradient.
-                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])), device=device)
+                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])),
+                                    dtype=torch.float32, device=device)
                 if world > 1:
                     norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
                 normalizer = norm.item() / world
-                loss_total = torch.zeros((), device=device)
+                loss_total = torch.zeros((), dtype=torch.float32, device=device)
                 micro_batches = self._micro_batches(mb_rows, gen.input_ids.shape[1])
                 for i, rows in enumerate(micro_batches):
                     # Under DDP, all-reduce gradients once per optimizer step, on the last micro-batch.
@@ -325,11 +361,22 @@ class KPOModule(pl.LightningModule):
         return raw, filtered, mask
 
     def _step_or_skip(self, opt, sched, loss: Tensor) -> float:
-        """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite."""
+        """Clip and step, or skip the step (and count it) when the loss or gradient norm is not finite.
+
+        Both are decided on global values, the same on every process: the norm is the whole model's (DDP
+        gradients are already all-reduced; FSDP's DTensor gradients give the norm over all shards), and a
+        non-finite loss on any process skips the step everywhere (else the processes' weights would drift apart).
+        """
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the global norm, replicated
+            grad_norm = grad_norm.full_tensor()
+        bad = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.float())]).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.to(self.device), reduce_op="sum")
+        bad_loss, bad_norm = bool(bad[0] > 0), bool(bad[1] > 0)
+        finite = not (bad_loss or bad_norm)
         if finite:
             opt.step()
             sched.step()
@@ -337,7 +384,7 @@ class KPOModule(pl.LightningModule):
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            what = "loss" if bad_loss else "gradient norm"
             print(f"[kpo] rollout step {self.rollout_step}: non-finite {what}, optimizer step skipped "
                   f"({self.consecutive_skips} in a row)", flush=True)
             if self.consecutive_skips >= self.optim_cfg.max_skipped_steps:
@@ -347,7 +394,7 @@ class KPOModule(pl.LightningModule):
                     f"(optim.max_skipped_steps={self.optim_cfg.max_skipped_steps}); lower optim.lr or check the model"
                 )
         opt.zero_grad(set_to_none=True)
-        return float(grad_norm) if torch.isfinite(grad_norm) else float("nan")
+        return float(grad_norm) if not bad_norm else float("nan")
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,7 +1,9 @@
-"""Generation under sharded strategies: gather the full weights for the duration of `generate`.
+"""Generation under sharding: gather the full weights once for the duration of `generate`.
 
-FSDP and DeepSpeed ZeRO-3 keep each process's shard only; transformers' `generate` needs whole weights. Under
-plain or DDP training this is a no-op. (Written for GPUs; the CPU test suite runs the no-op path only.)
+Under `trainer.strategy=fsdp` (FSDP2, kpo_lightning/strategies.py) each process holds a shard of every weight;
+`generate` runs many forwards, and a different number on each process (sequences stop at different lengths), so
+gathering per forward would hang. The weights are gathered once on entry (bfloat16 under bf16-mixed) and kept
+until exit. Under plain or DDP training this is a no-op. Every process must enter (it is a collective).
 """
 
 from __future__ import annotations
@@ -9,16 +11,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import ContextManager
 
+from kpo_lightning.strategies import is_sharded, unsharded
+
 
 def full_weights_for_generation(trainer, policy) -> ContextManager:
-    strategy = getattr(trainer, "strategy", None)
-    name = type(strategy).__name__ if strategy is not None else ""
-    if name == "FSDPStrategy":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.summon_full_params(strategy.model, writeback=False, recurse=True)
-    if name == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
+    if is_sharded(policy):
+        return unsharded(policy)
     return nullcontext()

@@ -27,6 +27,7 @@ from kpo_lightning.export import save_hf_folder
 from kpo_lightning.models import load_model_and_tokenizer
 from kpo_lightning.module import KPOModule, NonFiniteTrainingError
 from kpo_lightning.rollout_callback import RolloutCallback
+from kpo_lightning.strategies import FSDPStrategy, full_state_dict, is_sharded
 from kpo_lightning.versions import startup_banner
 
 RESUME_AUTO = ("auto", "auto_or_fresh")
@@ -44,6 +45,8 @@ def _devices(spec: str):
 def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Trainer:
     """One Trainer "epoch" is the whole run: `trainer.max_steps` rollout steps (training batches)."""
     every = cfg.eval.every_n_steps
+    # "fsdp" is the project's FSDP2 strategy (kpo_lightning/strategies.py), on GPUs and on CPUs (gloo) alike.
+    strategy = FSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
     return pl.Trainer(
         max_epochs=1,
         limit_train_batches=cfg.trainer.max_steps,
@@ -54,7 +57,7 @@ def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Train
         accelerator=cfg.trainer.accelerator,
         devices=_devices(cfg.trainer.devices),
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=strategy,
         precision=cfg.trainer.precision,
         logger=logger,
         callbacks=callbacks,
@@ -119,7 +122,7 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
               "trainer.max_steps to continue (final/ left as it is)", flush=True)
         return 0
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
     datamodule = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     module = KPOModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout, reward=cfg.reward,
                        eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
@@ -145,8 +148,10 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    # Under FSDP every process takes part in gathering the full weights; rank 0 writes them.
+    weights = full_state_dict(module.policy) if is_sharded(module.policy) else None
     if trainer.is_global_zero:
-        final = save_hf_folder(module.policy, tokenizer, out / "final")
+        final = save_hf_folder(module.policy, tokenizer, out / "final", state_dict=weights)
         print(f"[kpo] saved the policy to {final} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
         print(f"[kpo] view the curves: tensorboard --logdir {out / 'tensorboard'}", flush=True)
     return 0

@@ -1,9 +1,13 @@
-"""Helper for tests/test_ddp.py: one KPO update on a fixed rollout, on 1 process or on N with Lightning DDP (gloo).
+"""Helper for tests/test_ddp.py and tests/test_fsdp.py: one KPO update on a fixed rollout, on 1 process or on N
+with Lightning DDP or the project's FSDP2 strategy (gloo).
 
 Rank r of N gets groups [r*k, (r+1)*k) of the same global rollout. Writes the gradient each process sees at the
-optimizer step (after DDP's all-reduce) to OUT/grads-rank{r}.pt. Usage: python ddp_gradient.py OUT WORLD
+(last) optimizer step (after DDP's all-reduce; FSDP's reduce-scattered shards gathered whole) to
+OUT/grads-rank{r}.pt, and the whole weights after training to OUT/weights-rank{r}.pt.
+Usage: python ddp_gradient.py OUT WORLD LOSS AGG [key=value ...] (strategy=fsdp, precision=bf16-mixed, optim keys)
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from kpo_lightning import KPOModule, RolloutCallback
 from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
 from kpo_lightning.rollout import Generation, Rollout
+from kpo_lightning.strategies import FSDPStrategy, is_sharded
 from kpo_lightning.tiny_models import build_tiny_random_model
 
 GROUPS, G, P, R = 4, 4, 5, 7
@@ -62,36 +67,87 @@ class FixedRollout(RolloutCallback):
         batch["rollout"] = shard(self.rollout, trainer.global_rank, trainer.world_size)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: an FSDP DTensor shard is gathered (a collective: every rank calls it in the same order)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
 class SaveGrads(pl.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+        grads = {n: whole(p.grad) for n, p in pl_module.policy.named_parameters() if p.grad is not None}
         torch.save(grads, self.out / f"grads-rank{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        weights = {n: whole(p) for n, p in pl_module.policy.named_parameters()}
+        torch.save(weights, self.out / f"weights-rank{rank}.pt")
+        names = {id(p): n for n, p in pl_module.policy.named_parameters()}
+        groups = [sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups]
+        (self.out / f"run-rank{rank}.json").write_text(json.dumps({
+            "logs": pl_module.last_logs, "skipped_steps": pl_module.skipped_steps, "groups": groups,
+            "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
+            "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
+            "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups]}))
+
+
+class NonFiniteLossOn(pl.Callback):
+    """Makes one process's loss NaN while its gradient stays finite (a constant NaN is added to the loss)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank != self.rank:
+            return
+        original = pl_module._micro_batch_loss
+
+        def nan_loss(*args, **kwargs):
+            loss, metrics, logp = original(*args, **kwargs)
+            return loss + torch.tensor(float("nan")), metrics, logp
+
+        pl_module._micro_batch_loss = nan_loss
 
 
 def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-true",
-         gradient_checkpointing: bool = False, **optim) -> None:
+         gradient_checkpointing: bool = False, strategy: str = "ddp", nan_loss_rank: int = -1, beta: float = 0.0,
+         **optim) -> None:
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = build_tiny_random_model(tok, seed=0)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optim = {"lr": 1e-3, "num_minibatches": 1, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
-    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg), optim=OptimConfig(**optim),
+    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg, beta=beta), optim=OptimConfig(**optim),
                        rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
     rollout = global_rollout(len(tok))
     if world == 1:
         rollout = as_seen_by_two_processes(rollout, optim["num_minibatches"])
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision=precision,
+    if world == 1:
+        strategy = "auto"
+    elif strategy == "fsdp":
+        strategy = FSDPStrategy()
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, precision=precision,
                          max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=[FixedRollout(rollout), SaveGrads(out)])
+                         callbacks=[FixedRollout(rollout), SaveGrads(out), NonFiniteLossOn(nan_loss_rank)])
     trainer.fit(module, train_dataloaders=data)
 
 
+def number(text: str):
+    """int, float or the text itself (for key=value arguments)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 if __name__ == "__main__":
-    extra = {k: int(v) for k, v in (a.split("=") for a in sys.argv[5:])}  # e.g. num_minibatches=2
+    # e.g. num_minibatches=2 strategy=fsdp
+    extra = {k: number(v) for k, v in (a.split("=") for a in sys.argv[5:])}
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], **extra)

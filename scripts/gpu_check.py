@@ -1,0 +1,173 @@
+"""GPU check of the paper recipe: `preset=paper` on a tiny randomly initialised Qwen3 (config built in code), two
+rollout steps per variant, each printing loss, gradient norm, tokens/s and peak GPU memory.
+
+    bash scripts/gpu_check.sh            # on a machine with CUDA GPUs (no edits, no downloads)
+    bash scripts/gpu_check.sh --cpu      # the same variants on CPU processes (gloo): a smoke test of the path
+
+Variants: 1 GPU (bf16-mixed, gradient checkpointing: the preset as it stands), 1 GPU without checkpointing,
+1 GPU with LoRA, FSDP on 1 GPU, and on machines with 2+ GPUs FSDP on 2 GPUs, with and without LoRA. The data is
+the built-in arithmetic task (the machine may be offline) and the reward the share of digits in the completion
+(a random model never answers right: the math reward would give a zero gradient); everything else is the paper
+preset, with shorter responses (--max-new-tokens, default 1024) so the check takes minutes. On a machine without CUDA (and without
+--cpu) it says so and exits 0. Exit 1 when a variant fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# name: (processes, strategy, extra overrides)
+VARIANTS = {
+    "1gpu-bf16-mixed-checkpointing": (1, "auto", []),
+    "1gpu-no-checkpointing": (1, "auto", ["model.gradient_checkpointing=false"]),
+    "1gpu-lora": (1, "auto", ["model.lora.r=16"]),
+    "1gpu-fsdp": (1, "fsdp", []),
+    "2gpu-fsdp": (2, "fsdp", []),
+    "2gpu-fsdp-lora": (2, "fsdp", ["model.lora.r=16"]),
+}
+
+
+def tiny_qwen3(folder: Path, cpu: bool) -> Path:
+    """A random Qwen3 (tied embeddings, q/k norms, GQA: the Qwen3-4B layout, scaled down) with the project's
+    character tokenizer, saved as a model folder."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from kpo_lightning.char_tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(model_max_length=8192)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16) if cpu else \
+        dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=64)
+    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                         **size)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                               bos_token_id=tok.bos_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def digit_share(prompt: str, completion: str, answer: str, **kwargs) -> float:
+    """The check's reward: the share of digits in the completion. A random model never answers right, so the
+    math reward would give zero advantages (and a zero gradient); this one varies within every group."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def overrides(variant: str, model: Path, out: Path, cpu: bool, max_new_tokens: int) -> list[str]:
+    processes, strategy, extra = VARIANTS[variant]
+    small = ["data.prompts_per_step=4", "rollout.num_generations=4", "optim.num_minibatches=2",
+             "optim.micro_batch_size=4", "data.val_size=4"] if cpu else ["data.val_size=16"]
+    return ["preset=paper", f"model.name_or_path={model}", "data.source=arithmetic", "data.subset=null",
+            "data.val_source=null", f"reward.fn={Path(__file__).resolve()}:digit_share",
+            f"rollout.max_new_tokens={max_new_tokens}", "trainer.max_steps=2",
+            "eval.every_n_steps=2", "eval.k=2", "checkpoint.every_n_steps=0", "checkpoint.keep_last=1",
+            f"output_dir={out}", f"trainer.accelerator={'cpu' if cpu else 'gpu'}", f"trainer.devices={processes}",
+            f"trainer.strategy={strategy}", *small, *extra]
+
+
+def worker(args) -> int:
+    """One variant, in this process (Lightning launches the other ranks by re-running this command)."""
+    import lightning.pytorch as pl
+    import torch
+
+    import kpo_lightning.train_main as train_main
+    from kpo_lightning.cli import check_inputs
+    from kpo_lightning.config_checks import check_config
+    from kpo_lightning.config_loading import load_config
+
+    class Report(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not trainer.is_global_zero:
+                return
+            logs = pl_module.last_logs
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+            row = {"variant": args.variant, "step": pl_module.rollout_step, "loss": logs["train/loss"],
+                   "grad_norm": logs["train/grad_norm"], "tokens_per_s": logs["train/tokens_per_second"],
+                   "peak_gib": peak, "reward": logs.get("train/reward")}
+            print("RESULT " + json.dumps(row), flush=True)
+
+    build = train_main.build_trainer
+    train_main.build_trainer = lambda cfg, callbacks, logger: build(cfg, [*callbacks, Report()], logger)
+    cfg = load_config(overrides(args.variant, Path(args.model), Path(args.out), args.cpu, args.max_new_tokens))
+    check_config(cfg)
+    return train_main.run_train(cfg, check_inputs(cfg))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="run the variants on CPU processes (gloo): a smoke test")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response cap (GPU 1024, CPU 16)")
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all that fit)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.cpu else 1024
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0 and not args.cpu:
+        print("gpu_check: no CUDA GPU on this machine; nothing run (use --cpu for a CPU smoke test of the same path)")
+        return 0
+    slots = 2 if args.cpu else gpus
+    names = args.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"gpu_check: unknown variant(s) {unknown}; use some of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    device = "CPU (gloo processes)" if args.cpu else torch.cuda.get_device_name(0) + f" x{gpus}"
+    print(f"gpu_check on {device}, torch {torch.__version__}, max_new_tokens {args.max_new_tokens}", flush=True)
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="kpo_gpu_check_") as tmp:
+        model = tiny_qwen3(Path(tmp) / "tiny-qwen3", args.cpu)
+        for name in names:
+            if VARIANTS[name][0] > slots:
+                print(f"[skip] {name}: needs {VARIANTS[name][0]} GPUs, this machine has {slots}", flush=True)
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--variant", name, "--model", str(model),
+                   "--out", str(Path(tmp) / name), "--max-new-tokens", str(args.max_new_tokens)] + \
+                  (["--cpu"] if args.cpu else [])
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+            seconds = time.perf_counter() - start
+            got = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or len(got) != 2:
+                failed.append(name)
+                print(f"[FAIL] {name} (exit {proc.returncode}):\n{proc.stderr[-4000:]}", flush=True)
+                continue
+            for row in got:
+                print(f"[ok] {name} step {row['step']}: loss {row['loss']:+.3e}  grad_norm {row['grad_norm']:.4f}  "
+                      f"tokens/s {row['tokens_per_s']:.0f}  peak GPU memory {row['peak_gib']:.2f} GiB", flush=True)
+            rows += got
+            print(f"     ({seconds:.0f} s including start-up and validation)", flush=True)
+    print(f"gpu_check: {len(names) - len(failed)} variant(s) run or skipped, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
