@@ -129,8 +129,7 @@ def exact_generation_config(params: SamplingParams, eos_ids: list[int], pad_id: 
         # Neutral values of everything else that changes which token is drawn or when a response ends.
         num_beams=1,
         num_return_sequences=1,
-        min_length=0,
-        min_new_tokens=0,
+        min_new_tokens=0,  # takes precedence over any min_length (left unset: setting both makes generate warn)
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,
