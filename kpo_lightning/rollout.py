@@ -77,7 +77,9 @@ def sampling_seed(seed: int, rank: int, step: int) -> int:
 
 
 class RolloutEngine(Protocol):
-    """Anything that samples `params.num_samples` responses for each prompt."""
+    """Anything that samples `params.num_samples` responses for each prompt, from exactly what `params` says
+    (softmax(logits / temperature) with top-k / top-p, no other logits processor: the loss assumes it), with
+    prompts tokenized by `prompt_tokens.encode_prompt`, seeded by `params.seed` when it is set."""
 
     def generate(self, model, tokenizer, prompts: list[str], params: SamplingParams) -> Generation: ...
 
