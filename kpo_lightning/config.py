@@ -8,7 +8,7 @@ merged over it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -38,6 +38,8 @@ class DataConfig:
     prompt_template: str = "{prompt}"  # formats the record's prompt field into the user message
     system_prompt: Optional[str] = None  # a system message (chat template) or a prefix line
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    # extra variables for the chat template (apply_chat_template keyword arguments), e.g. {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompts_per_step: int = 8  # prompts per rollout step, all processes together (each gets G samples)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
     val_source: Optional[str] = None  # a separate validation source; default: held out from `source`

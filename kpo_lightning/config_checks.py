@@ -87,6 +87,7 @@ def _choice(key: str, value, choices) -> None:
 
 def check_config(cfg: Config) -> None:
     """Raise UserInputError on the first out-of-range value or inconsistent combination."""
+    from kpo_lightning.datamodule import _check_chat_template_kwargs
     from kpo_lightning.losses import LOSS_DEFAULTS
 
     for key in POSITIVE:
@@ -106,6 +107,7 @@ def check_config(cfg: Config) -> None:
     if cfg.loss.dual_clip is not None and not (cfg.loss.dual_clip == 0 or cfg.loss.dual_clip > 1.0):
         _fail("loss.dual_clip", cfg.loss.dual_clip, "it must be > 1 (verl uses 3.0), or 0 to disable it")
     _check_strategy_and_precision(cfg)
+    _check_chat_template_kwargs(cfg.data.chat_template_kwargs)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         _fail("rollout.top_p", cfg.rollout.top_p, "it must lie in (0, 1]")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:

@@ -10,8 +10,9 @@ Sources (`data.source`, and `data.val_source` when set):
 Records give the prompt text (`data.prompt_key`) and the reference answer (`data.answer_key`, made a str). A key
 may be a dotted path into nested records (``reward_model.ground_truth``), and a prompt may be a list of chat
 messages (the last user message's content is used). The text is formatted with `data.prompt_template`, then
-wrapped with the tokenizer's chat template when `data.chat_template` is true. Prompts longer than
-`data.max_prompt_tokens` tokens are skipped and counted (only when a tokenizer is given).
+wrapped with the tokenizer's chat template when `data.chat_template` is true (`data.chat_template_kwargs` are
+passed to it as template variables). Prompts longer than `data.max_prompt_tokens` tokens (counted as the sampler
+tokenizes them, see `prompt_tokens`) are skipped and counted (only when a tokenizer is given).
 
 Validation: `data.val_size` prompts, from `data.val_source` when set, otherwise held out from the source (the
 first `val_size` records of a file or dataset, or the held-out arithmetic stream). Training prompts whose text
@@ -44,12 +45,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from kpo_lightning.config import DataConfig
 from kpo_lightning.errors import UserInputError
+from kpo_lightning.prompt_tokens import encode_prompt
 
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # Extensions that say "this is meant to be a file", so a missing one is reported as a missing file rather than
 # tried as a hub dataset name.
 _PATH_LIKE_EXTENSIONS = FILE_EXTENSIONS + (".txt", ".tsv", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".ndjson")
 STREAM_SHUFFLE_BUFFER = 10_000  # records in the shuffle buffer of a streamed hub dataset
+# apply_chat_template arguments the data module sets itself: data.chat_template_kwargs may not override them.
+RESERVED_CHAT_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+                        "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+                        "return_assistant_tokens_mask", "chat_template")
 MAX_CONSECUTIVE_SKIPS = 100_000  # endless sources: this many unusable prompts in a row is an input error
 STATE_FORMAT = 1
 
@@ -286,11 +292,31 @@ def _check_settings(cfg: DataConfig) -> None:
         raise UserInputError(f"data.prompts_per_step={cfg.prompts_per_step!r} is invalid: it must be >= 1")
     if cfg.val_size < 0:
         raise UserInputError(f"data.val_size={cfg.val_size!r} is invalid: it must be >= 0 (0 disables validation)")
+    _check_chat_template_kwargs(cfg.chat_template_kwargs)
     marker = "\x00prompt\x00"
     if marker not in _apply_template(cfg.prompt_template, marker):
         raise UserInputError(
             f"data.prompt_template={cfg.prompt_template!r} does not contain {{prompt}}, so the prompt would be dropped"
         )
+
+
+def _check_chat_template_kwargs(kwargs: Any) -> None:
+    """data.chat_template_kwargs: a mapping of template variable names (not the arguments we set ourselves)."""
+    if not isinstance(kwargs, dict):
+        raise UserInputError(
+            f"data.chat_template_kwargs={kwargs!r} is invalid: give a mapping, e.g. {{enable_thinking: false}}"
+        )
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise UserInputError(
+                f"data.chat_template_kwargs has the key {key!r}: keys are chat template variable names "
+                "(identifiers such as enable_thinking)"
+            )
+        if key in RESERVED_CHAT_KWARGS:
+            raise UserInputError(
+                f"data.chat_template_kwargs.{key} is set by the data module itself (prompts are templated as text "
+                f"with add_generation_prompt=true); remove it"
+            )
 
 
 def _apply_template(template: str, text: str) -> str:
@@ -554,7 +580,8 @@ class PromptDataModule(pl.LightningDataModule):
     # -- prompt formatting ------------------------------------------------------------------------------
 
     def format_prompt(self, text: str) -> str:
-        """The model input for a record's prompt text: template, then the chat template if enabled.
+        """The model input for a record's prompt text: template, then the chat template if enabled (with
+        `data.chat_template_kwargs` as extra template variables, e.g. enable_thinking=False for Qwen3).
 
         Without a chat template a `data.system_prompt` is put in front of the prompt, separated by a blank line.
         """
@@ -571,14 +598,16 @@ class PromptDataModule(pl.LightningDataModule):
             )
         messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         messages.append({"role": "user", "content": body})
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                       **dict(cfg.chat_template_kwargs or {}))
 
     def num_prompt_tokens(self, prompt: str) -> Optional[int]:
-        """Token count of a formatted prompt, or None without a tokenizer. A chat-templated prompt already
-        holds its special tokens; a plain one gets the tokenizer's usual ones (e.g. BOS)."""
+        """Token count of a formatted prompt, or None without a tokenizer: the tokens the sampler feeds the model
+        (`prompt_tokens.encode_prompt`: the tokenizer's special tokens, e.g. BOS, unless the text starts with BOS,
+        as chat templates write it)."""
         if self.tokenizer is None:
             return None
-        return len(self.tokenizer(prompt, add_special_tokens=not self.cfg.chat_template)["input_ids"])
+        return len(encode_prompt(self.tokenizer, prompt))
 
     def _too_long(self, prompt: str) -> bool:
         n = self.num_prompt_tokens(prompt)

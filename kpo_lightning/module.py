@@ -187,9 +187,20 @@ class KPOModule(pl.LightningModule):
             self.warmup_steps = state["warmup_steps"]
 
     # ----------------------------------------------------------------- log-probs
+    def sampling_params(self, rollout: Rollout) -> SamplingParams:
+        """What `rollout` was sampled with (it records it; else the training settings RolloutCallback uses): the
+        one source of the temperature and group size the loss assumes."""
+        params = rollout.params if rollout.params is not None else SamplingParams.for_training(self.rollout_cfg)
+        if not params.temperature > 0:
+            raise UserInputError(f"a training rollout was sampled at temperature={params.temperature!r}: training "
+                                 "log-probs need a temperature > 0 (greedy decoding is for evaluation only)")
+        return params
+
     def sequence_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
-                          with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """Per-token log-probs (and entropy) of the response tokens under `model`, temperature applied.
+                          with_entropy: bool = False, temperature: Optional[float] = None
+                          ) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-token log-probs (and entropy) of the response tokens under `model`, at the sampling `temperature`
+        (default: the configured training temperature).
 
         Position ids follow the attention mask, as in generation, so left padding does not shift positions.
         """
@@ -199,9 +210,10 @@ class KPOModule(pl.LightningModule):
                     use_cache=False, logits_to_keep=response_len + 1)
         logits = out.logits[:, :-1]  # position t predicts token t + 1
         tokens = input_ids[:, prompt_length:]
+        temperature = self.rollout_cfg.temperature if temperature is None else temperature
         if with_entropy:
-            return token_logprobs_and_entropy(logits, tokens, temperature=self.rollout_cfg.temperature)
-        return token_logprobs(logits, tokens, temperature=self.rollout_cfg.temperature), None
+            return token_logprobs_and_entropy(logits, tokens, temperature=temperature)
+        return token_logprobs(logits, tokens, temperature=temperature), None
 
     def _micro_batches(self, rows: Tensor, seq_len: int) -> list[Tensor]:
         """Split rows so each forward/backward holds at most `micro_batch_size` rows and
@@ -222,6 +234,7 @@ class KPOModule(pl.LightningModule):
         """pi_old log-probs and entropy of rows `first_row..` (the rows before it are the first mini-batch, which
         is on-policy: its training forward supplies them), and reference log-probs of all rows when beta > 0."""
         gen = rollout.generation
+        temperature = self.sampling_params(rollout).temperature
         n, width = gen.response_mask.shape
         # float32 explicitly: under bf16-true Lightning makes bfloat16 the default dtype inside training_step.
         f32 = dict(dtype=torch.float32, device=gen.input_ids.device)
@@ -231,14 +244,15 @@ class KPOModule(pl.LightningModule):
         all_rows = torch.arange(n, device=gen.input_ids.device)
         for rows in self._micro_batches(all_rows[first_row:], gen.input_ids.shape[1]):
             old[rows], ent[rows] = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
-                                                          gen.prompt_length, with_entropy=True)
+                                                          gen.prompt_length, with_entropy=True,
+                                                          temperature=temperature)
         if ref is not None:
             ctx = self.policy.disable_adapter() if not self._reference else nullcontext()
             ref_model = self._reference[0] if self._reference else self.policy
             with ctx:
                 for rows in self._micro_batches(all_rows, gen.input_ids.shape[1]):
                     ref[rows] = self.sequence_logprobs(ref_model, gen.input_ids[rows], gen.attention_mask[rows],
-                                                       gen.prompt_length)[0]
+                                                       gen.prompt_length, temperature=temperature)[0]
         return old, ent, ref
 
     # ----------------------------------------------------------------- training
@@ -252,7 +266,8 @@ class KPOModule(pl.LightningModule):
         mask = gen.response_mask
         advantages = rollout.advantages.to(device)
 
-        n_rows, group = gen.input_ids.shape[0], self.rollout_cfg.num_generations
+        params = self.sampling_params(rollout)  # temperature and group size as sampled, whoever sampled
+        n_rows, group = gen.input_ids.shape[0], params.num_samples
         n_groups = n_rows // group
         if n_groups % self.optim_cfg.num_minibatches:
             raise UserInputError(
@@ -289,7 +304,8 @@ class KPOModule(pl.LightningModule):
                     sync_ctx = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else nullcontext()
                     with sync_ctx:
                         loss, metrics, logp = self._micro_batch_loss(gen, rows, old_logp, entropy, advantages, mask,
-                                                                     ref_logp, normalizer, on_policy=not off_policy)
+                                                                     ref_logp, normalizer, on_policy=not off_policy,
+                                                                     temperature=params.temperature)
                         self.manual_backward(loss)
                     loss_total += loss.detach()
                     weight = metrics["num_tokens"].to(device)
@@ -333,11 +349,11 @@ class KPOModule(pl.LightningModule):
 
     def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, entropy: Tensor, advantages: Tensor,
                           mask: Tensor, ref_logp: Optional[Tensor], normalizer: float,
-                          on_policy: bool) -> tuple[Tensor, dict, Tensor]:
+                          on_policy: bool, temperature: Optional[float] = None) -> tuple[Tensor, dict, Tensor]:
         """Loss of one micro-batch. On the first (on-policy) mini-batch pi_old is the current policy, so its
         log-probs and entropy are taken from this forward instead of a separate no-grad pass."""
         logp, ent = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
-                                           gen.prompt_length, with_entropy=on_policy)
+                                           gen.prompt_length, with_entropy=on_policy, temperature=temperature)
         if on_policy:
             old_logp[rows] = logp.detach()
             entropy[rows] = ent
@@ -444,7 +460,7 @@ class KPOModule(pl.LightningModule):
             return
         if self._due(self.log_cfg.samples_every_n_steps):
             rows = []
-            for i in range(0, len(rollout.prompts), max(1, self.rollout_cfg.num_generations)):
+            for i in range(0, len(rollout.prompts), max(1, self.sampling_params(rollout).num_samples)):
                 rows.append(f"| {rollout.prompts[i]!r} | {rollout.generation.completions[i]!r} | "
                             f"{rollout.answers[i]!r} | {rollout.rewards[i].item():.2f} |")
             table = "| prompt | completion | answer | reward |\n|---|---|---|---|\n" + "\n".join(rows[:8])

@@ -6,9 +6,12 @@ SGLang, a server) can replace `HFGenerateEngine` without touching the module or 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -16,19 +19,23 @@ from transformers import GenerationConfig
 
 from kpo_lightning.advantages import group_advantages
 from kpo_lightning.config import EvalConfig, RolloutConfig
+from kpo_lightning.prompt_tokens import encode_prompts
 from kpo_lightning.rewards import score_completions
 
 
 @dataclass
 class SamplingParams:
-    """How to sample responses (the knobs every engine understands)."""
+    """How to sample responses (the knobs every engine understands), and nothing else: an engine samples from
+    softmax(logits / temperature) restricted by top-k and top-p, with no other logits processor (no repetition
+    penalty, min-p, suppressed tokens, ... whatever the model's own generation config says)."""
 
     num_samples: int = 8
     max_new_tokens: int = 16
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy (evaluation only: training log-probs need a temperature > 0)
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 0  # sequences per generate() call; 0 = all at once
+    seed: Optional[int] = None  # seeds this call's sampling; None = the global RNG as it stands
 
     @classmethod
     def for_training(cls, rollout: RolloutConfig) -> "SamplingParams":
@@ -61,8 +68,18 @@ class Generation:
         return self.input_ids[:, self.prompt_length :]
 
 
+def sampling_seed(seed: int, rank: int, step: int) -> int:
+    """The sampling seed of process `rank` at rollout step `step` of a run seeded `seed`: a hash of the three
+    (63 bits), so processes draw independent rollouts and a resumed run draws exactly what an uninterrupted one
+    would, whatever the RNG did in between."""
+    digest = hashlib.blake2b(f"kpo-sampling:{int(seed)}:{int(rank)}:{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class RolloutEngine(Protocol):
-    """Anything that samples `params.num_samples` responses for each prompt."""
+    """Anything that samples `params.num_samples` responses for each prompt, from exactly what `params` says
+    (softmax(logits / temperature) with top-k / top-p, no other logits processor: the loss assumes it), with
+    prompts tokenized by `prompt_tokens.encode_prompt`, seeded by `params.seed` when it is set."""
 
     def generate(self, model, tokenizer, prompts: list[str], params: SamplingParams) -> Generation: ...
 
@@ -93,45 +110,95 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
+def exact_generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """A `GenerationConfig` that samples from exactly softmax(logits / T) with top-k / top-p, nothing else.
+
+    transformers fills every field left unset (None) from `model.generation_config`, so each field that adds a
+    logits processor, warper or stopping criterion is set here to its neutral value. The fields whose neutral
+    value is None (min_p, suppress_tokens, bad_words_ids, sequence_bias, ...) cannot be protected that way:
+    `HFGenerateEngine` also replaces the model's own generation config by this one while it generates.
+    """
+    sample = params.temperature > 0
+    return GenerationConfig(
+        do_sample=sample,
+        temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample else None,
+        top_k=params.top_k if sample else None,  # 0 = off (None would become transformers' default, 50)
+        max_new_tokens=params.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        # Neutral values of everything else that changes which token is drawn or when a response ends.
+        num_beams=1,
+        num_return_sequences=1,
+        min_new_tokens=0,  # takes precedence over any min_length (left unset: setting both makes generate warn)
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        length_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        output_scores=False,
+        output_logits=False,
+        return_dict_in_generate=False,
+    )
+
+
+@contextmanager
+def model_generation_config(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Give every (sub)model that carries its own `generation_config` (the model, the base model under a peft
+    wrapper) a copy of `config` while the block runs, so nothing of the shipped one is merged into a generate
+    call; the shipped configs are put back afterwards, also on error."""
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [vars(m)["generation_config"] for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = copy.deepcopy(config)
+        yield
+    finally:
+        for m, original in zip(owners, saved):
+            m.generation_config = original
+
+
 class HFGenerateEngine:
-    """Batched sampling with transformers' `generate` (KV cache on), in eval mode, without gradients."""
+    """Batched sampling with transformers' `generate` (KV cache on), in eval mode, without gradients.
+
+    Samples from exactly what `params` says (see `exact_generation_config`), seeded by `params.seed` when set
+    (in a forked RNG, so the caller's RNG stream is left as it was).
+    """
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompts: list[str], params: SamplingParams) -> Generation:
         device = next(model.parameters()).device
-        tokenizer.padding_side = "left"
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_ids = enc["input_ids"].repeat_interleave(params.num_samples, dim=0).to(device)
-        prompt_mask = enc["attention_mask"].repeat_interleave(params.num_samples, dim=0).to(device)
         eos_ids = eos_token_ids(tokenizer, model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        ids, mask = encode_prompts(tokenizer, prompts, pad_id)  # left-padded, special tokens as the tokenizer adds
+        prompt_ids = ids.repeat_interleave(params.num_samples, dim=0).to(device)
+        prompt_mask = mask.repeat_interleave(params.num_samples, dim=0).to(device)
 
-        # A fresh config, so that sampling defaults shipped with a model (top_k=50, repetition penalty, ...)
-        # never change the distribution the loss assumes was sampled from.
-        sample = params.temperature > 0
-        config = GenerationConfig(
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=params.top_k if sample else None,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
+        config = exact_generation_config(params, eos_ids, pad_id)
         was_training = model.training
         model.eval()
         n = prompt_ids.shape[0]
         step = params.batch_size if params.batch_size > 0 else n
         chunks = []
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                    enabled=params.seed is not None)
         try:
-            for start in range(0, n, step):
-                out = model.generate(
-                    input_ids=prompt_ids[start : start + step],
-                    attention_mask=prompt_mask[start : start + step],
-                    generation_config=config,
-                )
-                chunks.append(out[:, prompt_ids.shape[1] :])
+            with rng, model_generation_config(model, config):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                for start in range(0, n, step):
+                    out = model.generate(
+                        input_ids=prompt_ids[start : start + step],
+                        attention_mask=prompt_mask[start : start + step],
+                        generation_config=config,
+                    )
+                    chunks.append(out[:, prompt_ids.shape[1] :])
         finally:
             model.train(was_training)
 
@@ -164,6 +231,9 @@ class Rollout:
     rewards: Tensor  # (N,)
     advantages: Tensor  # (N,)
     stats: dict[str, float] = field(default_factory=dict)
+    # What the responses were sampled with: the loss computes its log-probs at this temperature and groups rows by
+    # its num_samples. None (a rollout built by hand): the module's training settings, as RolloutCallback uses.
+    params: Optional[SamplingParams] = None
 
 
 def make_rollout(
@@ -202,4 +272,4 @@ def make_rollout(
         "time_generate_s": gen_seconds,
         "time_score_s": score_seconds,
     }
-    return Rollout(gen, group_prompts, group_answers, rewards, advantages.to(rewards.dtype), stats)
+    return Rollout(gen, group_prompts, group_answers, rewards, advantages.to(rewards.dtype), stats, params)

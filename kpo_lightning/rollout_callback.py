@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import lightning.pytorch as pl
 
-from kpo_lightning.rollout import SamplingParams, make_rollout
+from kpo_lightning.rollout import SamplingParams, make_rollout, sampling_seed
 from kpo_lightning.sharded_generation import full_weights_for_generation
 
 
@@ -15,16 +16,21 @@ class RolloutCallback(pl.Callback):
     advantages and puts the result into the batch under "rollout" for `KPOModule.training_step`.
 
     The engine, reward function and sampling settings come from the module (one source of truth, shared with
-    validation); pass `params` to override the sampling settings here.
+    validation); pass `params` to override the sampling settings here. Either way the rollout records the
+    settings it was sampled with, and the module computes its log-probs from those (temperature, group size).
+
+    Each process samples with the seed `sampling_seed(module.seed, global_rank, rollout_step)` (any `seed` in
+    `params` is replaced): processes draw different rollouts, and a resumed run draws the same ones as an
+    uninterrupted run.
     """
 
     def __init__(self, params: Optional[SamplingParams] = None) -> None:
         self.params = params
 
     def sampling_params(self, pl_module) -> SamplingParams:
-        if self.params is not None:
-            return self.params
-        return SamplingParams.for_training(pl_module.rollout_cfg)
+        """This step's settings: `params` (or the module's training settings) with this process's step seed."""
+        params = self.params if self.params is not None else SamplingParams.for_training(pl_module.rollout_cfg)
+        return replace(params, seed=sampling_seed(pl_module.seed, pl_module.global_rank, pl_module.rollout_step))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch: dict, batch_idx: int) -> None:
         with full_weights_for_generation(trainer, pl_module.policy):
