@@ -278,6 +278,10 @@ class RolloutCheckpoint(pl.Callback):
         # this moment even when written later (at the end, on SIGTERM): a validation run after this step draws from
         # the global RNG (its DataLoader's seed), and the resumed run redoes that draw.
         self._rng_after_step = rng_states()
+        # Likewise the data stream's position: a stop while the next rollout is sampled or scored (before any weight
+        # changes) saves step N, and the batch already handed to that rollout must not count as consumed.
+        datamodule = getattr(trainer, "datamodule", None)
+        self._data_after_step = datamodule.state_dict() if datamodule is not None else None
         if self.every_n_steps > 0 and pl_module.rollout_step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
 
@@ -300,6 +304,12 @@ class RolloutCheckpoint(pl.Callback):
                 print(f"[kpo] saved {path} after {type(exception).__name__}", flush=True)
             except Exception as e:  # never hide the original error behind a failed save
                 print(f"[kpo] could not save a checkpoint after {type(exception).__name__}: {e}", flush=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state = getattr(self, "_data_after_step", None)
+        key = type(trainer.datamodule).__qualname__ if getattr(trainer, "datamodule", None) is not None else None
+        if state and key in checkpoint:
+            checkpoint[key] = state
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         normalize_loop_state(checkpoint)

@@ -128,9 +128,7 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
                        eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
     checkpoint = RolloutCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
-    # The checkpoint callback first: its on_train_batch_start marks the step as begun before the rollout is sampled
-    # and scored, so a stop during the rollout (a stuck reward) never saves the stream position one batch ahead.
-    trainer = build_trainer(cfg, [checkpoint, RolloutCallback()], logger)
+    trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)
 
     if trainer.is_global_zero:
         print(startup_banner(trainer, out), f"[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", sep="\n",
