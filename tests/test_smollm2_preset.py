@@ -41,15 +41,17 @@ def test_prompt_the_model_sees(cfg, char_tokenizer):
     char_tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     dm = PromptDataModule(cfg.data, tokenizer=char_tokenizer, seed=cfg.seed)
     record = {"prompt": "8+7=", "answer": "15"}
-    text = dm.format_prompt(record["prompt"])
-    body = cfg.data.prompt_template.format(prompt="8+7=")
-    assert "8+7=" in body
-    system = (cfg.data.system_prompt if cfg.data.system_prompt is not None
-              else "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-    assert text == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-    # the task's operands stay in the range the preset was measured on
-    problems = [arithmetic_problem(0, i, cfg.data.arithmetic_max_operand) for i in range(200)]
-    assert max(max(map(int, p["prompt"][:-1].split("+"))) for p in problems) == cfg.data.arithmetic_max_operand
+    # Exactly what the preset was measured with (scripts/probe_smollm2.py): a short system prompt instead of
+    # SmolLM2's default one, and a phrasing the model answers with a plain number about 1/3 of the time.
+    assert dm.format_prompt(record["prompt"]) == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 8+7= Answer with just the number.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # one-digit operands and temperature 0.7 (rollouts and validation alike): the model's starting accuracy
+    # was measured there; at temperature 1 or with two-digit operands it is near 0 and nothing is learned
+    assert cfg.data.arithmetic_max_operand == 9
+    assert cfg.rollout.temperature == cfg.eval.temperature == 0.7
 
 
 @pytest.mark.parametrize(
