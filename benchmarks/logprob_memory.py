@@ -2,7 +2,7 @@
 whole log-prob path of a training step (LM head + log-probs + backward), old route vs new.
 
 Run: `python benchmarks/logprob_memory.py [--section all|logits|path] [--repeats 3] [--tokens 2048]
-[--vocab 49152] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128] [--temperature 1.0]`.
+[--vocab 49152] [--dtypes bf16,fp32] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128] [--temperature 1.0]`.
 
 Section `logits`: the log-prob function alone on given logits (tokens x vocab). Section `path`: a tiny Qwen3
 (hidden 128, 2 layers, untied head) with a paper-size vocabulary, B sequences of P prompt + R response
@@ -221,12 +221,16 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=512, help="path section: response tokens R")
     ap.add_argument("--path-vocab", type=int, default=151936, help="path section: vocabulary (Qwen3's)")
     ap.add_argument("--hidden", type=int, default=128, help="path section: hidden size of the tiny Qwen3")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--default-malloc", action="store_true", help="do not pin glibc's mmap threshold")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--path-child", nargs=3, metavar=("VARIANT", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if not dtypes or any(d not in ("bf16", "fp32") for d in dtypes):
+        ap.error(f"--dtypes must be a comma-separated subset of bf16,fp32, got {args.dtypes!r}")
     if args.device is None:
         import torch
 
@@ -270,7 +274,7 @@ def main() -> None:
         print("| logits | mode | naive MiB | plain-chunk MiB | ours MiB | naive / ours | naive s | ours s |"
               + (" naive cuda MiB | ours cuda MiB |" if cuda else ""))
         print("|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
-        for dtype in ("bf16", "fp32"):
+        for dtype in dtypes:
             for mode in ("fwd+bwd", "fwd"):
                 a, p, b = run("naive", dtype, mode), run("plain", dtype, mode), run("chunked", dtype, mode)
                 ratio = _spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(a, b)], "{:.1f}")
@@ -288,7 +292,7 @@ def main() -> None:
         print("| dtype | mode | (B, R, V) MiB | old MiB | full MiB | new MiB | old / new | param grads MiB "
               "| old s | full s | new s |" + (" old cuda MiB | new cuda MiB |" if cuda else ""))
         print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
-        for dtype in ("bf16", "fp32"):
+        for dtype in dtypes:
             unit = args.batch * args.response * args.path_vocab * (2 if dtype == "bf16" else 4) / MiB
             for mode in ("fwd+bwd", "fwd"):
                 o, f, n = (run(v, dtype, mode, "--path-child") for v in ("old", "full", "new"))
