@@ -2,15 +2,17 @@
 whole log-prob path of a training step (LM head + log-probs + backward), old route vs new.
 
 Run: `python benchmarks/logprob_memory.py [--section all|logits|path] [--repeats 3] [--tokens 2048]
-[--vocab 49152] [--dtypes bf16,fp32] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128] [--temperature 1.0]`.
+[--vocab 49152] [--dtypes bf16,fp32] [--modes fwd+bwd,fwd]
+[--variants old,full,new-copy,new] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128] [--temperature 1.0]`.
 
 Section `logits`: the log-prob function alone on given logits (tokens x vocab). Section `path`: a tiny Qwen3
 (hidden 128, 2 layers, untied head) with a paper-size vocabulary, B sequences of P prompt + R response
 tokens, from input ids to parameter gradients, three routes: `old` = the previous KPOModule.sequence_logprobs
 (logits_to_keep=R+1, then logits[:, :-1], flattened for token_logprobs: a copy, and a zero-padded gradient
 in backward); `full` = a model without logits_to_keep (all T positions, scored in place with start=P-1);
-`new` = kpo_lightning.sequence_logprobs (logits_to_keep = the R scoring positions). Each figure is
-min / median / max over --repeats fresh processes.
+`new-copy` = logits_to_keep = the R scoring positions, the logits' gradient in a new tensor; `new` =
+kpo_lightning.sequence_logprobs (the same, gradient written over the logits). Each figure is
+median (min-max) over --repeats fresh processes.
 
 How peak memory is measured on CPU: every (variant, dtype, mode) runs in a fresh subprocess. The child
 allocates the logits (and touches them), then resets the kernel's resident-set high-water mark by writing
@@ -38,6 +40,7 @@ import sys
 import time
 
 MiB = 1024 * 1024
+PATH_VARIANTS = ("old", "full", "new-copy", "new")
 
 
 def _rss_bytes(field: str) -> int:
@@ -166,10 +169,17 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
     def full(rows):
         return sequence_logprobs(NoLogitsToKeep(model), ids[rows], mask[rows], a.prompt, a.temperature)[0]
 
+    def new_copy(rows):  # the new route with the logits' gradient in a fresh tensor (in_place_backward=False)
+        i, m = ids[rows], mask[rows]
+        pos = (m.long().cumsum(-1) - 1).clamp(min=0)
+        keep = torch.arange(a.prompt - 1, total - 1, device=i.device)
+        logits = model(input_ids=i, attention_mask=m, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
+        return token_logprobs(logits, i[:, a.prompt:], a.temperature)
+
     def new(rows):
         return sequence_logprobs(model, ids[rows], mask[rows], a.prompt, a.temperature)[0]
 
-    fn = {"old": old, "full": full, "new": new}[variant]
+    fn = {"old": old, "full": full, "new-copy": new_copy, "new": new}[variant]
 
     def step(rows):
         with torch.set_grad_enabled(grad):
@@ -222,6 +232,9 @@ def main() -> None:
     ap.add_argument("--path-vocab", type=int, default=151936, help="path section: vocabulary (Qwen3's)")
     ap.add_argument("--hidden", type=int, default=128, help="path section: hidden size of the tiny Qwen3")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
+    ap.add_argument("--modes", default="fwd+bwd,fwd", help="comma-separated subset of fwd+bwd,fwd")
+    ap.add_argument("--variants", default=",".join(PATH_VARIANTS),
+                    help="path section: comma-separated subset of " + ",".join(PATH_VARIANTS))
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--default-malloc", action="store_true", help="do not pin glibc's mmap threshold")
@@ -229,8 +242,12 @@ def main() -> None:
     ap.add_argument("--path-child", nargs=3, metavar=("VARIANT", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     dtypes = [d for d in args.dtypes.split(",") if d]
-    if not dtypes or any(d not in ("bf16", "fp32") for d in dtypes):
-        ap.error(f"--dtypes must be a comma-separated subset of bf16,fp32, got {args.dtypes!r}")
+    modes = [m for m in args.modes.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    for name, got, allowed in (("dtypes", dtypes, ("bf16", "fp32")), ("modes", modes, ("fwd+bwd", "fwd")),
+                               ("variants", variants, PATH_VARIANTS)):
+        if not got or any(x not in allowed for x in got):
+            ap.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}, got {getattr(args, name)!r}")
     if args.device is None:
         import torch
 
@@ -275,7 +292,7 @@ def main() -> None:
               + (" naive cuda MiB | ours cuda MiB |" if cuda else ""))
         print("|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
         for dtype in dtypes:
-            for mode in ("fwd+bwd", "fwd"):
+            for mode in modes:
                 a, p, b = run("naive", dtype, mode), run("plain", dtype, mode), run("chunked", dtype, mode)
                 ratio = _spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(a, b)], "{:.1f}")
                 line = (f"| {dtype} | {mode} | {mib(a)} | {mib(p)} | {mib(b)} | {ratio}x | {secs(a)} | {secs(b)} |")
@@ -289,23 +306,30 @@ def main() -> None:
         total = args.prompt + args.response
         print(f"\n== path: tiny Qwen3 (hidden {args.hidden}, 2 layers), vocab {args.path_vocab}, "
               f"B={args.batch} x (P={args.prompt} + R={args.response}) tokens, T={args.temperature}")
-        print("| dtype | mode | (B, R, V) MiB | old MiB | full MiB | new MiB | old / new | param grads MiB "
-              "| old s | full s | new s |" + (" old cuda MiB | new cuda MiB |" if cuda else ""))
-        print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
+        cols = " | ".join(f"{v} MiB" for v in PATH_VARIANTS)
+        print(f"| dtype | mode | (B, R, V) MiB | {cols} | old / new | param grads MiB | "
+              + " | ".join(f"{v} s" for v in PATH_VARIANTS) + " |" + (" old cuda MiB | new cuda MiB |" if cuda else ""))
+        print("|---|---|---|" + "---|" * (2 * len(PATH_VARIANTS) + 2) + ("---|---|" if cuda else ""))
         for dtype in dtypes:
             unit = args.batch * args.response * args.path_vocab * (2 if dtype == "bf16" else 4) / MiB
-            for mode in ("fwd+bwd", "fwd"):
-                o, f, n = (run(v, dtype, mode, "--path-child") for v in ("old", "full", "new"))
-                ratio = _spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(o, n)], "{:.1f}")
-                line = (f"| {dtype} | {mode} | {unit:.0f} | {mib(o)} | {mib(f)} | {mib(n)} | {ratio}x "
-                        f"| {n[0]['param_grads'] / MiB:.0f} | {secs(o)} | {secs(f)} | {secs(n)} |")
+            for mode in modes:
+                res = {v: run(v, dtype, mode, "--path-child") for v in variants}
+                o, n = res.get("old"), res.get("new")
+                ratio = (_spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(o, n)], "{:.1f}") + "x"
+                         if o and n else "-")
+                grads = next(iter(res.values()))[0]["param_grads"] / MiB
+                line = (f"| {dtype} | {mode} | {unit:.0f} | "
+                        + " | ".join(mib(res[v]) if v in res else "-" for v in PATH_VARIANTS)
+                        + f" | {ratio} | {grads:.0f} | "
+                        + " | ".join(secs(res[v]) if v in res else "-" for v in PATH_VARIANTS) + " |")
                 if cuda:
-                    line += f" {mib(o, 'peak_cuda')} | {mib(n, 'peak_cuda')} |"
+                    line += (f" {mib(o, 'peak_cuda') if o else '-'} | {mib(n, 'peak_cuda') if n else '-'} |")
                 print(line, flush=True)
         print(f"peak = extra memory above the model and inputs, from input ids to parameter gradients (included, "
               f"column 'param grads'); (B, R, V) = one logits tensor of the response; T = P + R = {total}. "
               "old = logits_to_keep=R+1, logits[:, :-1] flattened (copy) + zero-padded gradient; full = model "
-              "without logits_to_keep, window scored in place; new = logits_to_keep = the R scoring positions.")
+              "without logits_to_keep, window scored in place; new-copy = logits_to_keep = the R scoring positions, "
+              "gradient in a new tensor; new = kpo_lightning.sequence_logprobs (that, gradient over the logits).")
 
 
 if __name__ == "__main__":

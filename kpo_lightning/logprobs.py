@@ -108,14 +108,17 @@ class _TokenLogprobs(torch.autograd.Function):
 
     The backward allocates one tensor, the logits' gradient (in the logits' dtype and shape), zeroes the
     positions outside the scored window (none when start == 0 and the tokens cover every position) and writes
-    each chunk's gradient into it in place: no padded or reshaped copy of a (B, T, V) tensor.
+    each chunk's gradient into it in place: no padded or reshaped copy of a (B, T, V) tensor. With `in_place`
+    it allocates nothing of that size: each chunk's gradient overwrites the chunk of the saved logits it was
+    computed from, and the logits' storage is returned as their gradient (the logits are garbage afterwards).
     """
 
     @staticmethod
     def forward(ctx, logits3d: Tensor, tokens2d: Tensor, start: int, temperature: float, rows: int,
-                want_entropy: bool):
+                want_entropy: bool, in_place: bool):
         logp, ent = _chunked_forward(logits3d, tokens2d, start, temperature, rows, want_entropy)
         ctx.save_for_backward(logits3d, tokens2d)
+        ctx.in_place = in_place
         ctx.start = start
         ctx.temperature = temperature
         ctx.rows = rows
@@ -132,7 +135,10 @@ class _TokenLogprobs(torch.autograd.Function):
         start = ctx.start
         seqs, pos = tokens2d.shape
         ct = _compute_dtype(logits3d)
-        grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device=logits3d.device)
+        if ctx.in_place:
+            grad = logits3d.detach()  # same storage: every chunk is read before it is overwritten
+        else:
+            grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device=logits3d.device)
         grad[:, :start].zero_()
         grad[:, start + pos:].zero_()
         g_out = grad_logp.to(ct) * inv_t
@@ -144,7 +150,7 @@ class _TokenLogprobs(torch.autograd.Function):
             g.scatter_add_(-1, tokens2d[s0:s1, p0:p1, None], go)
             grad[s0:s1, start + p0:start + p1] = g
             del g
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _as_3d(logits: Tensor, flat: bool) -> Tensor:
@@ -166,7 +172,7 @@ def _as_3d(logits: Tensor, flat: bool) -> Tensor:
 
 
 def _run(logits: Tensor, tokens: Tensor | None, temperature: float, chunk_size: int | None, want_entropy: bool,
-         start: int = 0):
+         start: int = 0, in_place_backward: bool = False):
     """View as (S, L, V), dispatch to the autograd Function when a gradient is needed, reshape back."""
     _check(logits, tokens, temperature, start)
     rows = _rows_per_chunk(chunk_size, logits.shape[-1])
@@ -178,14 +184,16 @@ def _run(logits: Tensor, tokens: Tensor | None, temperature: float, chunk_size: 
         return None, ent.reshape(out_shape)
     tokens2d = tokens.reshape(x.shape[0], x.shape[1] if flat else tokens.shape[-1]).long()
     if torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = _TokenLogprobs.apply(x, tokens2d, int(start), float(temperature), rows, want_entropy)
+        logp, ent = _TokenLogprobs.apply(x, tokens2d, int(start), float(temperature), rows, want_entropy,
+                                         bool(in_place_backward))
     else:
         logp, ent = _chunked_forward(x, tokens2d, int(start), temperature, rows, want_entropy)
     return logp.reshape(out_shape), (ent.reshape(out_shape) if want_entropy else None)
 
 
 def token_logprobs(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0,
+    in_place_backward: bool = False,
 ) -> Tensor:
     """Log-probability of each token under softmax(logits / temperature), shape of `tokens`.
 
@@ -196,9 +204,12 @@ def token_logprobs(
     (..., L, V) tensor, zero outside the window, instead of a slice's gradient plus its zero-padded copy).
     Rows are processed `chunk_size` at a time (default: enough rows for ~32 MiB of float32 per temporary).
     The result is float32 (float64 for float64 logits). Differentiable with respect to `logits`; the gradient
-    comes back in the logits' dtype.
+    comes back in the logits' dtype. `in_place_backward=True` writes that gradient over the logits' own
+    storage instead of a new tensor (saves one logits-sized allocation): only for logits nothing else reads
+    after this backward, e.g. a model output private to the caller; a second backward through them raises.
     """
-    return _run(logits, tokens, temperature, chunk_size, want_entropy=False, start=start)[0]
+    return _run(logits, tokens, temperature, chunk_size, want_entropy=False, start=start,
+                in_place_backward=in_place_backward)[0]
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
@@ -211,9 +222,11 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0,
+    in_place_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(token_logprobs, token_entropy) in one pass over the logits, both shaped like `tokens` (see
-    token_logprobs for `start`); only the log-probs carry a gradient."""
-    logp, ent = _run(logits, tokens, temperature, chunk_size, want_entropy=True, start=start)
+    token_logprobs for `start` and `in_place_backward`); only the log-probs carry a gradient."""
+    logp, ent = _run(logits, tokens, temperature, chunk_size, want_entropy=True, start=start,
+                     in_place_backward=in_place_backward)
     return logp, ent

@@ -5,14 +5,16 @@ length) are scored by the logits at positions P-1 .. T-2. The model is asked for
 transformers' causal LMs take `logits_to_keep` as a 1-D tensor of positions and slice the hidden states before
 the LM head, so the head computes contiguous (B, R, V) logits, its backward runs on those R positions only, and
 the only (B, T, .) gradient is that of the (small) hidden states. `kpo_lightning.logprobs` then reads the logits
-in place and writes their gradient directly.
+in place and writes their gradient over them (`in_place_backward`), so the step's one full-vocabulary tensor is
+the logits, living from the head's forward to its backward.
 
 The former route (`logits_to_keep=R + 1`, then `logits[:, :-1]`) made three more (B, R, V)-sized tensors: the
-copy that flattening the non-contiguous slice makes (kept alive for backward), and in backward the slice's
-zero-padded (B, R + 1, V) gradient. benchmarks/logprob_memory.py measures both routes.
+copy that flattening the non-contiguous slice makes (kept alive for backward in place of the logits), and in
+backward the gradient plus the slice's zero-padded (B, R + 1, V) copy of it, so two full-vocabulary tensors were
+alive at its peak (forward and backward) against one now. benchmarks/logprob_memory.py measures the routes.
 
 Models whose forward does not take `logits_to_keep` (or ignores it) return all T positions; the window is then
-scored in place with `start=P-1`, and the gradient is one (B, T, V) tensor, zero outside the window.
+scored in place with `start=P-1`, and the gradient overwrites the (B, T, V) logits, zero outside the window.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def sequence_logprobs(
         raise ValueError(f"model returned logits for {logits.shape[1]} positions; expected {response_len} "
                          f"(logits_to_keep) or {total} (all)")
     tokens = input_ids[:, prompt_length:]
+    # The logits are private to this call (nothing else reads them after backward): their gradient overwrites them.
+    opts = dict(temperature=temperature, start=start, in_place_backward=True)
     if with_entropy:
-        return token_logprobs_and_entropy(logits, tokens, temperature=temperature, start=start)
-    return token_logprobs(logits, tokens, temperature=temperature, start=start), None
+        return token_logprobs_and_entropy(logits, tokens, **opts)
+    return token_logprobs(logits, tokens, **opts), None

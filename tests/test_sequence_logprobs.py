@@ -136,3 +136,24 @@ def test_token_logprobs_start_window_matches_slicing(dtype):
     assert a.grad[:, :3].abs().sum() == 0 and a.grad[:, 8:].abs().sum() == 0
     with pytest.raises(ValueError, match="tokens shape"):
         token_logprobs(full, tokens, start=5)  # 5 + 5 > 9 positions
+
+
+def test_in_place_backward_reuses_the_logits_storage_and_matches():
+    """in_place_backward: the same gradient, written over the logits' storage; a second backward raises."""
+    gen = torch.Generator().manual_seed(4)
+    leaf_a = torch.randn(2, 6, 11, generator=gen, requires_grad=True)
+    leaf_b = leaf_a.detach().clone().requires_grad_()
+    tokens = torch.randint(0, 11, (2, 4), generator=gen)
+    weights = torch.randn(2, 4, generator=gen)
+    logits_a, logits_b = leaf_a * 2, leaf_b * 2  # non-leaf, like a model's output
+    seen = []
+    logits_a.register_hook(lambda g: seen.append(g.data_ptr()))
+    ours = token_logprobs(logits_a, tokens, 0.8, chunk_size=3, start=1, in_place_backward=True)
+    ref = token_logprobs(logits_b, tokens, 0.8, chunk_size=3, start=1)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    (ours * weights).sum().backward(retain_graph=True)
+    (ref * weights).sum().backward()
+    assert seen == [logits_a.data_ptr()]
+    torch.testing.assert_close(leaf_a.grad, leaf_b.grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (ours * weights).sum().backward()
