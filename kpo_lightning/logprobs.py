@@ -11,6 +11,9 @@ logsumexp/log_softmax is saved for backward, which adds up to a full (B, T, V) f
 Measured peaks above the logits for 2048 tokens x 49,152 vocabulary, bf16 logits, forward+backward on CPU
 (benchmarks/logprob_memory.py): naive 1157 MiB, plain chunking 758 MiB, this module 244 MiB (of which
 192 MiB is the bf16 gradient itself). Tokens must be valid ids in [0, V) (mask padding afterwards).
+Logits are read through strided views, never copied; `start` scores a window of a longer sequence's logits
+without slicing them (a slice's backward would zero-pad a copy of the gradient), and `in_place_backward`
+writes the gradient over the logits themselves when the caller owns them (`sequence_logprobs` does).
 """
 
 from __future__ import annotations
