@@ -7,7 +7,7 @@ Run: `python benchmarks/logprob_memory.py [--section all|logits|path] [--repeats
 
 Section `logits`: the log-prob function alone on given logits (tokens x vocab). Section `path`: a tiny Qwen3
 (hidden 128, 2 layers, untied head) with a paper-size vocabulary, B sequences of P prompt + R response
-tokens, from input ids to parameter gradients, three routes: `old` = the previous KPOModule.sequence_logprobs
+tokens, from input ids to parameter gradients, four routes: `old` = the previous KPOModule.sequence_logprobs
 (logits_to_keep=R+1, then logits[:, :-1], flattened for token_logprobs: a copy, and a zero-padded gradient
 in backward); `full` = a model without logits_to_keep (all T positions, scored in place with start=P-1);
 `new-copy` = logits_to_keep = the R scoring positions, the logits' gradient in a new tensor; `new` =
