@@ -22,7 +22,7 @@ from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig,
 from kpo_lightning.errors import UserInputError
 from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
-from kpo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+from kpo_lightning.sequence_logprobs import sequence_logprobs
 from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
 from kpo_lightning.models import decay_parameter_names, disable_dropout
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
@@ -203,17 +203,11 @@ class KPOModule(pl.LightningModule):
         (default: the configured training temperature).
 
         Position ids follow the attention mask, as in generation, so left padding does not shift positions.
+        Only the response positions go through the LM head (see `kpo_lightning.sequence_logprobs`).
         """
-        response_len = input_ids.shape[1] - prompt_length
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=response_len + 1)
-        logits = out.logits[:, :-1]  # position t predicts token t + 1
-        tokens = input_ids[:, prompt_length:]
         temperature = self.rollout_cfg.temperature if temperature is None else temperature
-        if with_entropy:
-            return token_logprobs_and_entropy(logits, tokens, temperature=temperature)
-        return token_logprobs(logits, tokens, temperature=temperature), None
+        return sequence_logprobs(model, input_ids, attention_mask, prompt_length,
+                                 temperature=temperature, with_entropy=with_entropy)
 
     def _micro_batches(self, rows: Tensor, seq_len: int) -> list[Tensor]:
         """Split rows so each forward/backward holds at most `micro_batch_size` rows and
