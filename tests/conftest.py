@@ -26,6 +26,23 @@ SLOW = {
 }
 
 
+DIGIT_REWARD = '''
+def reward(prompt, completion, answer, **kwargs):
+    """Deterministic, varied within groups: rewards completions with many digits 1 to 5, so updates happen."""
+    return sum(c in "12345" for c in completion) / max(len(completion), 1)
+'''
+
+
+def write_tiny_run_inputs(root):
+    """A tiny random model + char tokenizer in root/model and DIGIT_REWARD in root/reward.py (for run.py tests)."""
+    tok = build_char_tokenizer()
+    model = build_tiny_random_model(tok, seed=0)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "reward.py").write_text(DIGIT_REWARD)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         file = item.path.name

@@ -14,26 +14,13 @@ import pytest
 import torch
 
 from kpo_lightning import checkpointing
-from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.checkpointing import checkpoint_problem, list_checkpoints
 from kpo_lightning.cli import main
-from kpo_lightning.tiny_models import build_tiny_random_model
-
-REWARD = '''
-def reward(prompt, completion, answer, **kwargs):
-    return sum(c in "12345" for c in completion) / max(len(completion), 1)
-'''
-
+from conftest import write_tiny_run_inputs
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    tok = build_char_tokenizer()
-    model = build_tiny_random_model(tok, seed=0)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "reward.py").write_text(REWARD)
-    return root
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("faults"))
 
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:

@@ -13,30 +13,16 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.checkpointing import list_checkpoints
 from kpo_lightning.cli import main
 from kpo_lightning.module import KPOModule
-from kpo_lightning.tiny_models import build_tiny_random_model
+from conftest import write_tiny_run_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
-REWARD = '''
-def reward(prompt, completion, answer, **kwargs):
-    """Deterministic, varied within groups: rewards completions with many digits 1 to 5, so updates happen."""
-    return sum(c in "12345" for c in completion) / max(len(completion), 1)
-'''
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    tok = build_char_tokenizer()
-    model = build_tiny_random_model(tok, seed=0)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "reward.py").write_text(REWARD)
-    return root
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("resume"))
 
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
