@@ -280,6 +280,9 @@ def main() -> None:
         return _spread([r["seconds"] for r in results], "{:.2f}")
 
     cuda = args.device == "cuda"
+    from machine import machine_line  # benchmarks/ is sys.path[0] when this script runs
+
+    print(machine_line())
     print(f"device={args.device}; each figure: median (min-max) over {args.repeats} fresh processes; "
           f"peak = extra memory above the baseline at the high-water mark")
     if args.section in ("all", "logits"):

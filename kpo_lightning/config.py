@@ -119,7 +119,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int = 0  # 0 disables periodic validation (a run still evaluates before and after)
+    every_n_steps: int = 0  # validate before training and every N rollout steps; 0 = no validation at all
     k: int = 4  # samples per validation prompt (avg@k, pass@k)
     temperature: float = 1.0  # sampling temperature for avg@k / pass@k
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
