@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 MiB = 1024 * 1024
 PATH_VARIANTS = ("old", "full", "new-copy", "new")
@@ -61,6 +62,27 @@ def _reset_peak() -> bool:
     except OSError:
         return False
 
+
+
+def _measure_peak(run: Callable[[], None], cuda: bool) -> dict:
+    """Run `run` once and report the resident-memory high-water mark above the level before it (and CUDA's peak
+    above what was allocated, on a GPU) and its seconds."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    exact = _reset_peak()
+    base = _rss_bytes("VmRSS")
+    t0 = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    hwm = _rss_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = {"peak_rss": hwm - base, "method": "VmHWM" if exact else "ru_maxrss", "seconds": seconds}
+    if cuda:
+        res["peak_cuda"] = torch.cuda.max_memory_allocated() - base_cuda
+    return res
 
 def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, temperature: float, device: str) -> dict:
     """Run one variant in this (fresh) process and return its peak extra memory."""
@@ -101,26 +123,13 @@ def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, tempera
         return torch.ones(n, vocab, dtype=torch.float32, device=device).sum(-1)
 
     fn = {"naive": naive, "plain": plain_chunked, "chunked": ours, "control": control}[variant]
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    exact = _reset_peak()
-    base = _rss_bytes("VmRSS")
-    t0 = time.perf_counter()
-    with torch.set_grad_enabled(grad):
-        out = fn()
-        if grad and variant != "control":
-            (out * weights).sum().backward()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    hwm = _rss_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = {"peak_rss": hwm - base, "method": "VmHWM" if exact else "ru_maxrss", "seconds": seconds}
-    if cuda:
-        res["peak_cuda"] = torch.cuda.max_memory_allocated() - base_cuda
-    return res
+    def run() -> None:
+        with torch.set_grad_enabled(grad):
+            out = fn()
+            if grad and variant != "control":
+                (out * weights).sum().backward()
+
+    return _measure_peak(run, cuda=device == "cuda")
 
 
 def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace) -> dict:
@@ -190,22 +199,7 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
 
     step(slice(0, 1))  # warm-up on one sequence: library initialisation is not part of the peak
     model.zero_grad(set_to_none=True)
-    cuda = a.device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    exact = _reset_peak()
-    base = _rss_bytes("VmRSS")
-    t0 = time.perf_counter()
-    step(slice(None))
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    hwm = _rss_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = {"peak_rss": hwm - base, "method": "VmHWM" if exact else "ru_maxrss", "seconds": seconds}
-    if cuda:
-        res["peak_cuda"] = torch.cuda.max_memory_allocated() - base_cuda
+    res = _measure_peak(lambda: step(slice(None)), cuda=a.device == "cuda")
     res["param_grads"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
                              if p.grad is not None)
     return res
