@@ -65,7 +65,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from machine import machine_line, spread  # benchmarks/machine.py (benchmarks/ is sys.path[0])
 
 ASSET = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
@@ -181,7 +180,7 @@ class LockStep:
             self.on_turn()
         self.resumed[name] = time.perf_counter()
 
-    def close_turn(self, name: str, res: "Result", timed: bool) -> None:
+    def close_turn(self, name: str, res: Result, timed: bool) -> None:
         """Add the turn that ends now to the run's timed total or to its setup time."""
         elapsed = time.perf_counter() - self.resumed[name]
         if timed:
@@ -192,7 +191,7 @@ class LockStep:
         else:
             res.setup += elapsed
 
-    def end_of_step(self, name: str, res: "Result", timed: bool, start_timing: bool = False) -> None:
+    def end_of_step(self, name: str, res: Result, timed: bool, start_timing: bool = False) -> None:
         self.close_turn(name, res, timed)
         with self.cond:
             self.turn = self._next(name)
@@ -396,11 +395,11 @@ def quiet() -> None:
 
 def run_pair(names: list[str], base, tokenizer, args, batches, profile) -> dict[str, Result]:
     """Both frameworks in lock step (see the module docstring); returns their timed totals."""
-    from kpo_lightning import rewards
+    from kpo_lightning import math_reward
 
     # The math reward caches (reference, answer) verdicts process-wide: emptied at every turn, so that neither
     # framework scores faster thanks to the other's answers.
-    sync = LockStep(names, profile, on_turn=rewards._CACHE.clear)
+    sync = LockStep(names, profile, on_turn=math_reward._CACHE.clear)
     results = {name: Result(args.steps) for name in names}
     errors: dict[str, BaseException] = {}
 

@@ -24,18 +24,18 @@ at 1 thread it estimates the idle machine's wall-time ratio; at 2 threads it is 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # time this checkout, not an installed copy
-from kpo_lightning.kalman import causal_kalman_filter  # noqa: E402
 from machine import machine_line, spread  # noqa: E402  (benchmarks/machine.py)
+
+from kpo_lightning.kalman import causal_kalman_filter  # noqa: E402
 
 Q, V = 1e-6, 1.0  # the paper's setting; the cost does not depend on it
 

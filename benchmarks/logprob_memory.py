@@ -3,7 +3,8 @@ whole log-prob path of a training step (LM head + log-probs + backward), old rou
 
 Run: `python benchmarks/logprob_memory.py [--section all|logits|path] [--repeats 3] [--tokens 2048]
 [--vocab 49152] [--dtypes bf16,fp32] [--modes fwd+bwd,fwd]
-[--variants old,full,new-copy,new] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128] [--temperature 1.0]`.
+[--variants old,full,new-copy,new] [--batch 2 --prompt 64 --response 512 --path-vocab 151936 --hidden 128]
+[--temperature 1.0]`.
 
 Section `logits`: the log-prob function alone on given logits (tokens x vocab). Section `path`: a tiny Qwen3
 (hidden 128, 2 layers, untied head) with a paper-size vocabulary, B sequences of P prompt + R response
@@ -38,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MiB = 1024 * 1024
 PATH_VARIANTS = ("old", "full", "new-copy", "new")
@@ -67,6 +68,8 @@ def _reset_peak() -> bool:
 def _measure_peak(run: Callable[[], None], cuda: bool) -> dict:
     """Run `run` once and report the resident-memory high-water mark above the level before it (and CUDA's peak
     above what was allocated, on a GPU) and its seconds."""
+    import torch
+
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

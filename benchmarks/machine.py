@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def cpu_model() -> str:

@@ -74,7 +74,7 @@ def validation_problem(seed: int, index: int, max_operand: int = 99, ops: str = 
 
 def extract_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` in `text`, stripped, or None (the reward's own extraction)."""
-    from kpo_lightning.rewards import extract_boxed as last_boxed
+    from kpo_lightning.answer_extraction import extract_boxed as last_boxed
 
     found = last_boxed(text)
     return found.strip() if found is not None else None

@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -73,12 +73,12 @@ def checkpoint_rollout_step(path: Path) -> int:
     return int(state.get("kpo", {}).get("rollout_step", 0))
 
 
-def latest_checkpoint(directory: Path) -> Optional[Path]:
+def latest_checkpoint(directory: Path) -> Path | None:
     ckpts = list_checkpoints(directory)
     return ckpts[-1] if ckpts else None
 
 
-def checkpoint_problem(path: Path) -> Optional[str]:
+def checkpoint_problem(path: Path) -> str | None:
     """None when `path` looks like a checkpoint a run can resume from, else what is wrong with it, in a few words."""
     path = Path(path)
     if path.is_dir():  # a sharded checkpoint (a folder a strategy wrote): Lightning checks it when it loads it
@@ -106,7 +106,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
+def _tensor_bytes(obj: Any, seen: set | None = None) -> int:
     """Bytes of the tensors in a (nested) checkpoint dict, shared storages counted once: what a save writes."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
@@ -135,8 +135,8 @@ def _save_error(path: Path, reason: str, needed: int) -> CheckpointSaveError:
     free = shutil.disk_usage(path.parent).free
     return CheckpointSaveError(
         f"could not save checkpoint {path.name.removesuffix(TMP_SUFFIX)} in {path.parent}: {reason} (free there: "
-        f"{_size(free)}, a checkpoint needs about {_size(needed)}); the earlier checkpoints are intact: free space or point output_dir at a "
-        "bigger disk, then resume=auto"
+        f"{_size(free)}, a checkpoint needs about {_size(needed)}); the earlier checkpoints are intact: free space or "
+        "point output_dir at a bigger disk, then resume=auto"
     )
 
 
@@ -237,7 +237,7 @@ class RolloutCheckpoint(pl.Callback):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
-        self._saved_step: Optional[int] = None  # the step this run last saved (not re-saved at the end)
+        self._saved_step: int | None = None  # the step this run last saved (not re-saved at the end)
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         # Write in place, once (see DirectCheckpointIO); a strategy with its own writer (sharded) keeps it.
@@ -247,7 +247,7 @@ class RolloutCheckpoint(pl.Callback):
             for stale in self.dirpath.glob(f"step-*.ckpt{TMP_SUFFIX}"):  # left by a kill mid-save
                 _remove(stale)
 
-    def save(self, trainer: pl.Trainer, pl_module) -> Optional[Path]:
+    def save(self, trainer: pl.Trainer, pl_module) -> Path | None:
         step = pl_module.rollout_step
         path = self.dirpath / f"step-{step:06d}.ckpt"
         if self._saved_step == step:

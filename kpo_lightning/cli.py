@@ -10,8 +10,6 @@ import argparse
 import dataclasses
 import sys
 import traceback
-from pathlib import Path
-from typing import Optional
 
 from kpo_lightning.config import Config
 from kpo_lightning.config_checks import check_config
@@ -34,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
     try:
@@ -65,7 +63,8 @@ def check_inputs(cfg: Config):
 
     if cfg.mode == "eval":  # several datasets, comma-separated, each read whole as validation data
         for source in cfg.data.source.split(","):
-            PromptDataModule.check_source(dataclasses.replace(cfg.data, source=source.strip(), val_source=source.strip()))
+            one = source.strip()
+            PromptDataModule.check_source(dataclasses.replace(cfg.data, source=one, val_source=one))
     else:
         PromptDataModule.check_source(cfg.data)
     check_model_source(cfg.model)

@@ -8,7 +8,7 @@ merged over it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, smollm2
-    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
     dtype: str = "float32"  # float32, bfloat16, float16 (training: float32 master weights unless bf16-true)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -32,18 +32,18 @@ class ModelConfig:
 class DataConfig:
     source: str = "arithmetic"  # "arithmetic", a .jsonl/.json/.parquet/.csv file, or a dataset name
     split: str = "train"  # split of a hub dataset
-    subset: Optional[str] = None  # dataset config name for hub datasets
+    subset: str | None = None  # dataset config name for hub datasets
     prompt_key: str = "prompt"  # record field with the prompt (dotted paths work; chat message lists too)
     answer_key: str = "answer"  # record field with the reference answer
     prompt_template: str = "{prompt}"  # formats the record's prompt field into the user message
-    system_prompt: Optional[str] = None  # a system message (chat template) or a prefix line
+    system_prompt: str | None = None  # a system message (chat template) or a prefix line
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
     # extra variables for the chat template (apply_chat_template keyword arguments), e.g. {enable_thinking: false}
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompts_per_step: int = 8  # prompts per rollout step, all processes together (each gets G samples)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
-    val_source: Optional[str] = None  # a separate validation source; default: held out from `source`
-    val_subset: Optional[str] = None  # dataset config name of a hub val_source
+    val_source: str | None = None  # a separate validation source; default: held out from `source`
+    val_subset: str | None = None  # dataset config name of a hub val_source
     val_split: str = "test"  # split of a hub val_source
     val_size: int = 64  # held-out prompts used for validation
     shuffle: bool = True  # reshuffle finite sources every epoch (seeded)
@@ -73,14 +73,14 @@ class RewardConfig:
 class LossConfig:
     type: str = "kpo_clipped"  # grpo, gspo, gmpo, kpo, kpo_clipped
     # None means "the paper's value for this loss type" (see kpo_lightning.losses.LOSS_DEFAULTS)
-    kalman_q: Optional[float] = None  # Q, process noise of the filter (kpo_clipped 1e-6, kpo 1e-4); only Q/V matters
-    kalman_v: Optional[float] = None  # V, observation noise (paper: 1)
-    kalman_p0: Optional[float] = None  # P0, initial state variance (released code: 0)
-    clip_low: Optional[float] = None  # eps_low: ratio clipped below at 1 - eps_low (grpo 0.2, kpo_clipped 3e-4)
-    clip_high: Optional[float] = None  # eps_high: ratio clipped above at 1 + eps_high (grpo 0.2, kpo_clipped 4e-4)
-    dual_clip: Optional[float] = None  # 0 disables
+    kalman_q: float | None = None  # Q, process noise of the filter (kpo_clipped 1e-6, kpo 1e-4); only Q/V matters
+    kalman_v: float | None = None  # V, observation noise (paper: 1)
+    kalman_p0: float | None = None  # P0, initial state variance (released code: 0)
+    clip_low: float | None = None  # eps_low: ratio clipped below at 1 - eps_low (grpo 0.2, kpo_clipped 3e-4)
+    clip_high: float | None = None  # eps_high: ratio clipped above at 1 + eps_high (grpo 0.2, kpo_clipped 4e-4)
+    dual_clip: float | None = None  # 0 disables
     agg: str = "seq-mean-token-mean"  # token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm
-    agg_norm_constant: Optional[float] = None  # for seq-mean-token-sum-norm; default max_new_tokens
+    agg_norm_constant: float | None = None  # for seq-mean-token-sum-norm; default max_new_tokens
     beta: float = 0.0  # KL coefficient against the reference snapshot; 0 = no reference model
     kl_estimator: str = "k3"  # k1, k2, k3 (Schulman's estimators of KL(pi || ref))
     advantage: str = "grpo"  # grpo, dr_grpo, rloo
@@ -135,10 +135,10 @@ class LogConfig:
 class Config:
     seed: int = 0  # seeds sampling, data order and initialisation
     output_dir: str = "outputs/default"  # config.yaml, checkpoints/, tensorboard/, final/ go here
-    resume: Optional[str] = None  # "auto", "auto_or_fresh" or a checkpoint path (see README, Reliability)
+    resume: str | None = None  # "auto", "auto_or_fresh" or a checkpoint path (see README, Reliability)
     mode: str = "train"  # train or eval
-    preset: Optional[str] = None  # a file NAME.yaml (preset_dir's, else built in) merged over the default
-    preset_dir: Optional[str] = None  # a folder of your own NAME.yaml presets, searched before the built-in ones
+    preset: str | None = None  # a file NAME.yaml (preset_dir's, else built in) merged over the default
+    preset_dir: str | None = None  # a folder of your own NAME.yaml presets, searched before the built-in ones
     debug: bool = False  # show tracebacks for input errors
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

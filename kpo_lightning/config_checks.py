@@ -87,8 +87,8 @@ def _choice(key: str, value, choices) -> None:
 
 def check_config(cfg: Config) -> None:
     """Raise UserInputError on the first out-of-range value or inconsistent combination."""
-    from kpo_lightning.datamodule import _check_chat_template_kwargs
     from kpo_lightning.losses import LOSS_DEFAULTS
+    from kpo_lightning.prompt_template import _check_chat_template_kwargs
 
     for key in POSITIVE:
         _positive(key, _value(cfg, key))

@@ -13,7 +13,7 @@ import difflib
 from dataclasses import fields, is_dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -66,7 +66,7 @@ def _check_keys(d: dict, source: str) -> None:
             raise UserInputError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def _read_yaml(path: Union[Path, Traversable], what: str) -> dict:
+def _read_yaml(path: Path | Traversable, what: str) -> dict:
     if not path.is_file():
         raise UserInputError(f"{what} {str(path)!r} does not exist")
     try:
@@ -95,13 +95,13 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return data
 
 
-def _presets_in(folder: Union[Path, Traversable]) -> dict[str, Union[Path, Traversable]]:
+def _presets_in(folder: Path | Traversable) -> dict[str, Path | Traversable]:
     """NAME -> file for every NAME.yaml in `folder` except default.yaml (the base, not a preset)."""
     return {f.name[: -len(".yaml")]: f for f in folder.iterdir()
             if f.name.endswith(".yaml") and f.name != "default.yaml" and f.is_file()}
 
 
-def _preset_folder(preset_dir: Optional[str]) -> Optional[Path]:
+def _preset_folder(preset_dir: str | None) -> Path | None:
     if preset_dir is None:
         return None
     folder = Path(str(preset_dir)).expanduser()
@@ -110,14 +110,14 @@ def _preset_folder(preset_dir: Optional[str]) -> Optional[Path]:
     return folder
 
 
-def available_presets(conf_dir: Union[Path, Traversable] = CONF_DIR, preset_dir: Optional[str] = None) -> list[str]:
+def available_presets(conf_dir: Path | Traversable = CONF_DIR, preset_dir: str | None = None) -> list[str]:
     """Preset names: the built-in ones (in `conf_dir`) and those in the user's `preset_dir`."""
     user = _preset_folder(preset_dir)
     return sorted({**_presets_in(conf_dir), **(_presets_in(user) if user else {})})
 
 
-def load_config(overrides: list[str], config_file: Optional[str] = None,
-                conf_dir: Union[Path, Traversable] = CONF_DIR) -> Config:
+def load_config(overrides: list[str], config_file: str | None = None,
+                conf_dir: Path | Traversable = CONF_DIR) -> Config:
     """Merge the layers over the typed schema and return a `Config` object (typed, validated types)."""
     cli = _parse_overrides(overrides)
     file_layer = _read_yaml(Path(config_file), "config file") if config_file else {}

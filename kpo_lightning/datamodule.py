@@ -26,215 +26,43 @@ training step (`on_before_batch_transfer`), so the batch Lightning pre-fetches i
 Trainer a batch counts as consumed when it is yielded. Streaming hub datasets have no random access: resuming
 one re-reads its current epoch from the start and discards the records already used (slow for huge datasets,
 but exact).
+
+Where the parts live: reading files and hub datasets into (prompt, answer) pairs in `records.py`; the training
+sources (`read(epoch, index)`: list, arithmetic, stream) in `prompt_sources.py`; `data.prompt_template` and
+`data.chat_template_kwargs` in `prompt_template.py`. This file chooses the source for a configured name
+(`_classify`, `PromptDataModule._load`) and holds the stream, its resumable position and the DataModule.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
-import random
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from kpo_lightning.config import DataConfig
 from kpo_lightning.errors import UserInputError
+from kpo_lightning.prompt_sources import STREAM_SHUFFLE_BUFFER, _ArithmeticSource, _ListSource, _StreamSource
+from kpo_lightning.prompt_template import _apply_template, _check_chat_template_kwargs
 from kpo_lightning.prompt_tokens import encode_prompt
+from kpo_lightning.records import FILE_EXTENSIONS, Pair, _extract, _load_hub, _read_file
 
-FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # Extensions that say "this is meant to be a file", so a missing one is reported as a missing file rather than
 # tried as a hub dataset name.
 _PATH_LIKE_EXTENSIONS = FILE_EXTENSIONS + (".txt", ".tsv", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".ndjson")
-STREAM_SHUFFLE_BUFFER = 10_000  # records in the shuffle buffer of a streamed hub dataset
-# apply_chat_template arguments the data module sets itself: data.chat_template_kwargs may not override them.
-RESERVED_CHAT_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
-                        "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
-                        "return_assistant_tokens_mask", "chat_template")
 MAX_CONSECUTIVE_SKIPS = 100_000  # endless sources: this many unusable prompts in a row is an input error
 STATE_FORMAT = 1
 
-Pair = tuple[str, str]  # (prompt text before formatting, answer)
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading records
+# Selecting the source: `data.source` -> a kind (`_classify`) -> a training source (`PromptDataModule._load`)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _lookup(record: dict, key: str) -> tuple[bool, Any]:
-    """`record[key]`, or a walk down a dotted path (`a.b.c`) when the key itself is absent."""
-    if key in record:
-        return True, record[key]
-    value: Any = record
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False, None
-        value = value[part]
-    return "." in key, value
-
-
-def _extract(record: Any, where: str, cfg: DataConfig) -> Pair:
-    """(prompt text, answer str) from one record; `where` ("data.jsonl, line 3") goes into every error."""
-    if not isinstance(record, dict):
-        raise UserInputError(f"{where}: expected a record (an object with fields), got {type(record).__name__}")
-    keys = _layout_keys(record, cfg)
-    values = []
-    for config_key, key in (("data.prompt_key", keys[0]), ("data.answer_key", keys[1])):
-        found, value = _lookup(record, key)
-        if not found:
-            raise UserInputError(
-                f"{where}: the record has no field {key!r} ({config_key}); its keys are {sorted(map(str, record))}. "
-                f"Set {config_key} to the field that holds it"
-            )
-        if value is None:
-            raise UserInputError(f"{where}: field {key!r} ({config_key}) is empty (null)")
-        values.append(value)
-    prompt, answer = values
-    if isinstance(prompt, list):  # chat messages: use the last user turn
-        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        if not users or not isinstance(users[-1], str):
-            raise UserInputError(
-                f"{where}: field {cfg.prompt_key!r} is a list but not chat messages with a user turn "
-                f"([{{'role': 'user', 'content': ...}}]); point data.prompt_key at a text field"
-            )
-        prompt = users[-1]
-    if not isinstance(prompt, str):
-        raise UserInputError(
-            f"{where}: field {cfg.prompt_key!r} (data.prompt_key) is a {type(prompt).__name__}, not text"
-        )
-    return prompt, _clean_answer(str(answer))
-
-
-# Common math benchmark layouts, used when the configured prompt/answer fields are absent from a record:
-# MATH-500 / AIME (problem, answer), AIME 2024 dumps (Problem, Answer), GSM8K (question, answer with "#### 42").
-KNOWN_LAYOUTS = (("problem", "answer"), ("Problem", "Answer"), ("question", "answer"))
-
-
-def _layout_keys(record: dict, cfg: DataConfig) -> tuple[str, str]:
-    """The configured (prompt, answer) fields when the record has them, else the first known layout it has."""
-    if _lookup(record, cfg.prompt_key)[0] and _lookup(record, cfg.answer_key)[0]:
-        return cfg.prompt_key, cfg.answer_key
-    for prompt_key, answer_key in KNOWN_LAYOUTS:
-        if prompt_key in record and answer_key in record:
-            return prompt_key, answer_key
-    return cfg.prompt_key, cfg.answer_key  # reported as missing by the caller
-
-
-def _clean_answer(answer: str) -> str:
-    """GSM8K answers end with "#### 1,234": keep the final number only (commas dropped)."""
-    if "####" in answer:
-        return answer.rsplit("####", 1)[1].strip().replace(",", "")
-    return answer
-
-
-def _parse_jsonl(text: str, path: Path) -> list[tuple[str, Any]]:
-    """One JSON object per non-blank line; a bad line is reported with its number."""
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserInputError(
-                f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}); each line of a JSON Lines "
-                f"file must be one complete JSON object"
-            ) from None
-        if not isinstance(obj, dict):
-            raise UserInputError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        records.append((f"{path}, line {lineno}", obj))
-    return records
-
-
-def _parse_json(text: str, path: Path) -> list[tuple[str, Any]]:
-    """A list of records, {"some_key": [records]}, or columns {"prompt": [...], "answer": [...]}.
-
-    A .json file that is really JSON Lines (a common mix-up) is read as JSON Lines.
-    """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            return _parse_jsonl(text, path)
-        raise UserInputError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(data) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
-            data = lists[0]  # {"data": [records]}
-        elif len(lists) == len(data) and len({len(v) for v in lists}) == 1:
-            keys = list(data)
-            data = [dict(zip(keys, row)) for row in zip(*lists)]  # columns
-        else:
-            raise UserInputError(
-                f"{path}: expected a list of records ([{{...}}, ...]) or columns ({{'prompt': [...], ...}}), "
-                f"got an object with keys {sorted(data)[:10]}"
-            )
-    if not isinstance(data, list):
-        raise UserInputError(f"{path}: expected a list of records, got a JSON {type(data).__name__}")
-    return [(f"{path}, record {i + 1}", r) for i, r in enumerate(data)]
-
-
-def _parse_csv(text: str, path: Path) -> list[tuple[str, Any]]:
-    """Rows of a CSV file with a header line; values stay exactly as written (no number parsing)."""
-    reader = csv.DictReader(text.splitlines())
-    records = []
-    try:
-        for row in reader:
-            row = {k: v for k, v in row.items() if k is not None}  # drop overflow cells of a too-long row
-            records.append((f"{path}, line {reader.line_num}", row))
-    except csv.Error as e:
-        raise UserInputError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
-    return records
-
-
-def _read_parquet(path: Path, cfg: DataConfig) -> list[tuple[str, Any]]:
-    """Rows of a parquet file, reading only the columns the prompt and answer keys need."""
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-        keys = (cfg.prompt_key, cfg.answer_key)
-        wanted = set(keys) | {k.split(".")[0] for k in keys}  # a dotted key needs its top-level column
-        for config_key, key in (("data.prompt_key", cfg.prompt_key), ("data.answer_key", cfg.answer_key)):
-            if key not in names and key.split(".")[0] not in names:
-                raise UserInputError(
-                    f"{path}, row 1: the record has no field {key!r} ({config_key}); its keys are {sorted(names)}. "
-                    f"Set {config_key} to the column that holds it"
-                )
-        columns = [n for n in names if n in wanted]
-        rows = pq.read_table(path, columns=columns).to_pylist()
-    except UserInputError:
-        raise
-    except Exception as e:  # pyarrow raises several types for a damaged or non-parquet file
-        raise UserInputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    return [(f"{path}, row {i + 1}", r) for i, r in enumerate(rows)]
-
-
-def _read_file(path: Path, cfg: DataConfig) -> list[tuple[str, Any]]:
-    """All records of a local file as (where, record), with the file-level checks (empty, malformed, none)."""
-    suffix = path.suffix.lower()
-    if path.stat().st_size == 0:
-        raise UserInputError(f"{path}: the file is empty; it needs one record per prompt")
-    if suffix == ".parquet":
-        records = _read_parquet(path, cfg)
-    else:
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise UserInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-        if not text.strip():
-            raise UserInputError(f"{path}: the file is empty (only whitespace); it needs one record per prompt")
-        parse = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv}[suffix]
-        records = parse(text, path)
-    if not records:
-        raise UserInputError(f"{path}: the file has no records")
-    return records
 
 
 def _classify(source: str, key: str) -> str:
@@ -269,21 +97,9 @@ def _classify(source: str, key: str) -> str:
     return "hub"
 
 
-def _load_hub(name: str, cfg: DataConfig, key: str) -> Any:
-    """`datasets.load_dataset(...)`, any failure turned into a UserInputError that suggests a local file."""
-    import datasets
-
-    prefix = "data.val_" if key == "data.val_source" else "data."
-    subset, split = (cfg.val_subset, cfg.val_split) if key == "data.val_source" else (cfg.subset, cfg.split)
-    try:
-        return datasets.load_dataset(name, subset, split=split, streaming=cfg.streaming)
-    except Exception as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UserInputError(
-            f"{key}={name!r}: could not load it as a Hugging Face dataset ({prefix}subset={subset!r}, "
-            f"{prefix}split={split!r}): {type(e).__name__}: {detail}. Check the name, subset and split and "
-            f"your network, or point {key} at a local .jsonl/.json/.parquet/.csv file"
-        ) from None
+# ----------------------------------------------------------------------------------------------------------
+# Settings checks
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check_settings(cfg: DataConfig) -> None:
@@ -298,121 +114,6 @@ def _check_settings(cfg: DataConfig) -> None:
         raise UserInputError(
             f"data.prompt_template={cfg.prompt_template!r} does not contain {{prompt}}, so the prompt would be dropped"
         )
-
-
-def _check_chat_template_kwargs(kwargs: Any) -> None:
-    """data.chat_template_kwargs: a mapping of template variable names (not the arguments we set ourselves)."""
-    if not isinstance(kwargs, dict):
-        raise UserInputError(
-            f"data.chat_template_kwargs={kwargs!r} is invalid: give a mapping, e.g. {{enable_thinking: false}}"
-        )
-    for key in kwargs:
-        if not isinstance(key, str) or not key.isidentifier():
-            raise UserInputError(
-                f"data.chat_template_kwargs has the key {key!r}: keys are chat template variable names "
-                "(identifiers such as enable_thinking)"
-            )
-        if key in RESERVED_CHAT_KWARGS:
-            raise UserInputError(
-                f"data.chat_template_kwargs.{key} is set by the data module itself (prompts are templated as text "
-                f"with add_generation_prompt=true); remove it"
-            )
-
-
-def _apply_template(template: str, text: str) -> str:
-    """`template.format(prompt=text)`, with a fixable message for stray braces or a missing {prompt}."""
-    try:
-        out = template.format(prompt=text)
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserInputError(
-            f"data.prompt_template={template!r} cannot be formatted ({type(e).__name__}: {e}): it may use only "
-            f"{{prompt}}; write literal braces as {{{{ and }}}} (e.g. \\boxed{{{{}}}})"
-        ) from None
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training record sources: read(epoch, index) -> (text, answer), or None when the epoch is over
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _epoch_rng(seed: int, epoch: int) -> random.Random:
-    """A generator seeded by (seed, epoch), stable across processes and Python versions."""
-    return random.Random(f"kpo-data/{seed}/{epoch}")
-
-
-class _ListSource:
-    """Finite in-memory records, each epoch a fresh seeded permutation (or file order)."""
-
-    def __init__(self, pairs: list[Pair], seed: int, shuffle: bool) -> None:
-        self.pairs, self.seed, self.shuffle = pairs, seed, shuffle
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def read(self, epoch: int, index: int) -> Optional[Pair]:
-        if index >= len(self.pairs):
-            return None
-        if not self.shuffle:
-            return self.pairs[index]
-        if self._order[0] != epoch:
-            order = list(range(len(self.pairs)))
-            _epoch_rng(self.seed, epoch).shuffle(order)
-            self._order = (epoch, order)
-        return self.pairs[self._order[1][index]]
-
-
-class _ArithmeticSource:
-    """The endless built-in task (training side of its train/val partition); one epoch that never ends."""
-
-    def __init__(self, seed: int, max_operand: int) -> None:
-        self.seed, self.max_operand = seed, max_operand
-
-    def read(self, epoch: int, index: int) -> Optional[Pair]:
-        from kpo_lightning.arithmetic import arithmetic_problem
-
-        p = arithmetic_problem(self.seed, index, self.max_operand, split="train")
-        return p["prompt"], p["answer"]
-
-
-def _buffer_shuffle(items: Iterable, rng: random.Random, size: int) -> Iterator:
-    """Approximate shuffle of a stream through a buffer of `size` items (as `datasets` does), deterministic."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buffer[j]
-        buffer[j] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class _StreamSource:
-    """A streamed dataset: sequential reads are cheap, a jump re-reads the epoch from its start."""
-
-    def __init__(self, dataset: Iterable, name: str, cfg: DataConfig, skip_first: int, seed: int) -> None:
-        self.dataset, self.name, self.cfg = dataset, name, cfg
-        self.skip_first, self.seed = skip_first, seed
-        self._iter: Optional[Iterator] = None
-        self._at: Optional[tuple[int, int]] = None  # the (epoch, index) `_iter` will yield next
-
-    def _open(self, epoch: int) -> Iterator:
-        items: Iterator = itertools.islice(enumerate(self.dataset), self.skip_first, None)
-        if self.cfg.shuffle:
-            items = _buffer_shuffle(items, _epoch_rng(self.seed, epoch), STREAM_SHUFFLE_BUFFER)
-        return items
-
-    def read(self, epoch: int, index: int) -> Optional[Pair]:
-        if self._at != (epoch, index):
-            self._iter = itertools.islice(self._open(epoch), index, None)
-        assert self._iter is not None
-        try:
-            number, record = next(self._iter)
-        except StopIteration:
-            self._at = None
-            return None
-        self._at = (epoch, index + 1)
-        return _extract(record, f"{self.name}, record {number + 1}", self.cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,7 +136,7 @@ class _TrainStream(IterableDataset):
     """Endless training batches; the position lives in the DataModule, so every new iterator (and a
     `load_state_dict` in between) continues from the DataModule's state."""
 
-    def __init__(self, dm: "PromptDataModule") -> None:
+    def __init__(self, dm: PromptDataModule) -> None:
         self.dm = dm
 
     def __iter__(self) -> Iterator[dict[str, list[str]]]:
@@ -476,7 +177,7 @@ class PromptDataModule(pl.LightningDataModule):
         self._train_source: Any = None
         self._val_pairs: list[Pair] = []
         self._val_texts: frozenset[str] = frozenset()
-        self._val_cache: Optional[tuple[Any, list[dict[str, str]], int]] = None  # (tokenizer, prompts, skipped)
+        self._val_cache: tuple[Any, list[dict[str, str]], int] | None = None  # (tokenizer, prompts, skipped)
         self._committed = _Position()  # consumed by training: what state_dict() saves
         self._produced = _Position()  # handed out by the stream (ahead by the batch Lightning pre-fetches)
         self._pending: deque[tuple[list[str], _Position]] = deque()  # produced, not yet consumed
@@ -512,7 +213,7 @@ class PromptDataModule(pl.LightningDataModule):
             files[source] = records
         return files
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Check and load the sources (once; later calls do nothing)."""
         if self._train_source is not None:
             return
@@ -601,7 +302,7 @@ class PromptDataModule(pl.LightningDataModule):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                        **dict(cfg.chat_template_kwargs or {}))
 
-    def num_prompt_tokens(self, prompt: str) -> Optional[int]:
+    def num_prompt_tokens(self, prompt: str) -> int | None:
         """Token count of a formatted prompt, or None without a tokenizer: the tokens the sampler feeds the model
         (`prompt_tokens.encode_prompt`: the tokenizer's special tokens, e.g. BOS, unless the text starts with BOS,
         as chat templates write it)."""
@@ -776,7 +477,7 @@ class PromptDataModule(pl.LightningDataModule):
         """Validation prompts one at a time, `{"prompt": str, "answer": str}` (for evaluation code)."""
         return iter(self.val_prompts())
 
-    def iter_val_batches(self, batch_size: Optional[int] = None) -> Iterator[dict[str, list[str]]]:
+    def iter_val_batches(self, batch_size: int | None = None) -> Iterator[dict[str, list[str]]]:
         """Validation in `{"prompt": [...], "answer": [...]}` chunks of `batch_size` (default prompts_per_step);
         the last chunk may be shorter."""
         size = batch_size or self.cfg.prompts_per_step

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -38,7 +38,8 @@ def run_eval(cfg: Config, reward_fn: Callable[..., float]) -> int:
         ]
         summary = summarize(torch.cat(rewards), cfg.eval.k)
         results[source] = summary
-        print(f"{source}: avg@{cfg.eval.k}={summary['accuracy']:.4f} pass@{cfg.eval.k}={summary[f'pass@{cfg.eval.k}']:.4f} "
+        k = cfg.eval.k
+        print(f"{source}: avg@{k}={summary['accuracy']:.4f} pass@{k}={summary[f'pass@{k}']:.4f} "
               f"({int(summary['num_prompts'])} prompts)", flush=True)
 
     out = Path(cfg.output_dir)

@@ -5,10 +5,9 @@ Used by the validation loop during training and by `run.py mode=eval`, so both r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import comb
-from typing import Callable
 
-import torch
 from torch import Tensor
 
 from kpo_lightning.rewards import score_completions

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 
 def save_hf_folder(policy: torch.nn.Module, tokenizer, path: str | Path,
-                   state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """`save_pretrained` of the policy (LoRA adapters merged into a copy) and tokenizer, loadable by
     `AutoModelForCausalLM.from_pretrained`.
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any
 
-from kpo_lightning.rewards import extract_boxed
+from kpo_lightning.answer_extraction import extract_boxed
 
 # A number as written in prose: optional sign, digits with optional thousands commas, optional decimals.
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
 
 
-def _to_number(text: str) -> Optional[Fraction]:
+def _to_number(text: str) -> Fraction | None:
     """`text` as an exact number ("1,234" -> 1234, "12.50" -> 25/2), or None when it is not one."""
     try:
         return Fraction(text.replace(",", "").strip())
@@ -27,7 +27,7 @@ def _to_number(text: str) -> Optional[Fraction]:
         return None
 
 
-def extract_answer(completion: str) -> Optional[str]:
+def extract_answer(completion: str) -> str | None:
     """The answer a completion gives: the last `\\boxed{}` content if any, else the last number, else None."""
     boxed = extract_boxed(completion)
     if boxed is not None:

@@ -20,9 +20,16 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from kpo_lightning.reward_workers import START_TIMEOUT_S, child_setup, kill_child, read_exact, start_child, wait_readable
+from kpo_lightning.reward_workers import (
+    START_TIMEOUT_S,
+    child_setup,
+    kill_child,
+    read_exact,
+    start_child,
+    wait_readable,
+)
 
 _MEMORY_BYTES = 4 << 30  # address-space cap of the child
 
@@ -106,7 +113,7 @@ class MathVerifyWorker:
                                    "\"import math_verify\"` works (pip install math-verify)")
             self.ready = True
 
-    def equal(self, gold: str, pred: str, timeout_s: float) -> Optional[bool]:
+    def equal(self, gold: str, pred: str, timeout_s: float) -> bool | None:
         """math-verify equivalence; None when it took longer than timeout_s (the child is then replaced).
 
         A child that dies on an answer (a C stack overflow, the memory cap) gives False and is restarted on the

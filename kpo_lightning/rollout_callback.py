@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import lightning.pytorch as pl
 
@@ -24,7 +23,7 @@ class RolloutCallback(pl.Callback):
     uninterrupted run.
     """
 
-    def __init__(self, params: Optional[SamplingParams] = None) -> None:
+    def __init__(self, params: SamplingParams | None = None) -> None:
         self.params = params
 
     def sampling_params(self, pl_module) -> SamplingParams:

@@ -20,7 +20,6 @@ scored in place with `start=P-1`, and the gradient overwrites the (B, T, V) logi
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +57,7 @@ def sequence_logprobs(
     prompt_length: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-) -> tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """(log-probs, entropy or None) of the response tokens input_ids[:, prompt_length:], each (B, R) float32,
     under softmax(logits / temperature) of `model`.
 

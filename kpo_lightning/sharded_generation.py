@@ -8,13 +8,12 @@ until exit. Under plain or DDP training this is a no-op. Every process must ente
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 from kpo_lightning.strategies import is_sharded, unsharded
 
 
-def full_weights_for_generation(trainer, policy) -> ContextManager:
+def full_weights_for_generation(trainer, policy) -> AbstractContextManager:
     if is_sharded(policy):
         return unsharded(policy)
     return nullcontext()

@@ -13,8 +13,8 @@ without sharding. The same code path runs on CPU with gloo. The accepted strateg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -114,7 +114,7 @@ def unsharded(model: torch.nn.Module) -> Iterator[None]:
             m.reshard()
 
 
-def full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on CPU for rank 0 (a collective under sharding); the plain state dict when the
     model is not sharded. Other ranks get an empty dict."""
     if not is_sharded(model):

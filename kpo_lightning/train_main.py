@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -68,7 +68,7 @@ def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Train
     )
 
 
-def resolve_resume(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
+def resolve_resume(cfg: Config, ckpt_dir: Path) -> Path | None:
     """The checkpoint to resume from, checked before it is trusted (see checkpointing.checkpoint_problem).
 
     `resume=PATH`: that file, or one line naming it and its problem (exit 2). `resume=auto` / `auto_or_fresh`: the

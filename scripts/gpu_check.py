@@ -8,8 +8,8 @@ Variants: 1 GPU (bf16-mixed, gradient checkpointing: the preset as it stands), 1
 1 GPU with LoRA, FSDP on 1 GPU, and on machines with 2+ GPUs FSDP on 2 GPUs, with and without LoRA. The data is
 the built-in arithmetic task (the machine may be offline) and the reward the share of digits in the completion
 (a random model never answers right: the math reward would give a zero gradient); everything else is the paper
-preset, with shorter responses (--max-new-tokens, default 1024) so the check takes minutes. On a machine without CUDA (and without
---cpu) it says so and exits 0. Exit 1 when a variant fails.
+preset, with shorter responses (--max-new-tokens, default 1024) so the check takes minutes. On a machine without CUDA
+(and without --cpu) it says so and exits 0. Exit 1 when a variant fails.
 """
 
 from __future__ import annotations

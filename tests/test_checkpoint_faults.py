@@ -6,17 +6,17 @@ test_resume.py, next to the reference run it is compared with.
 
 import errno
 import os
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_run_inputs
 
 from kpo_lightning import checkpointing
 from kpo_lightning.checkpointing import checkpoint_problem, list_checkpoints
 from kpo_lightning.cli import main
-from conftest import write_tiny_run_inputs
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

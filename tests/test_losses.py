@@ -101,15 +101,15 @@ def reference(loss_type, logp, old, adv, mask, agg="seq-mean-token-mean", **opts
             for t, zt in zip(r, z):
                 inside = -CLAMP_TOKEN <= zt <= CLAMP_TOKEN  # the clamp's gradient is 0 beyond its bounds
                 ratio = math.exp(min(max(zt, -CLAMP_TOKEN), CLAMP_TOKEN))
-                l, active = clip_term(ratio, a, o["clip_low"], o["clip_high"], o["dual_clip"])
-                value += w[(i, t)] * l
+                term, active = clip_term(ratio, a, o["clip_low"], o["clip_high"], o["dual_clip"])
+                value += w[(i, t)] * term
                 grad[i, t] = w[(i, t)] * (-a * ratio) * active * inside
         elif loss_type == "gspo":
             seq = sum(z) / len(z)  # clamped above only: log s <= 10
             s = math.exp(min(seq, CLAMP_REBUILT))
             for t in r:
-                l, active = clip_term(s, a, o["clip_low"], o["clip_high"], 0.0)
-                value += w[(i, t)] * l
+                term, active = clip_term(s, a, o["clip_low"], o["clip_high"], 0.0)
+                value += w[(i, t)] * term
                 grad[i, t] = w[(i, t)] * (-a * s) * active * (seq <= CLAMP_REBUILT)
         elif loss_type == "gmpo":
             lo, hi = o["clip_low"], o["clip_high"]
@@ -135,10 +135,10 @@ def reference(loss_type, logp, old, adv, mask, agg="seq-mean-token-mean", **opts
             for t, rt in zip(r, rho):
                 rhat = math.exp(min(rt, CLAMP_REBUILT))  # clamped above only: log r_hat <= 10
                 if loss_type == "kpo":
-                    l, active = -a * rhat, True
+                    term, active = -a * rhat, True
                 else:
-                    l, active = clip_term(rhat, a, o["clip_low"], o["clip_high"], o["dual_clip"])
-                value += w[(i, t)] * l
+                    term, active = clip_term(rhat, a, o["clip_low"], o["clip_high"], o["dual_clip"])
+                value += w[(i, t)] * term
                 grad[i, t] = w[(i, t)] * (-a * rhat) * active * (rt <= CLAMP_REBUILT)
     return value, grad
 
@@ -272,8 +272,8 @@ def test_gspo_and_gmpo_match_their_sequence_objectives():
                 total = total + torch.maximum(-a * s, -a * s.clamp(1 - o["clip_low"], 1 + o["clip_high"]))
             else:
                 sgn = math.copysign(1.0, a) if a != 0 else 0.0
-                l = sgn * torch.minimum(sgn * z, sgn * z.clamp(-o["clip_low"], o["clip_high"]))
-                total = total - a * l.mean().exp()
+                clipped_z = sgn * torch.minimum(sgn * z, sgn * z.clamp(-o["clip_low"], o["clip_high"]))
+                total = total - a * clipped_z.mean().exp()
         total = total / n_seq
         (ref_grad,) = torch.autograd.grad(total, x)
         loss, grad, _ = ours(loss_type, logp, old, adv, mask)

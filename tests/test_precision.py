@@ -18,7 +18,7 @@ from kpo_lightning.models import load_model_and_tokenizer
 from kpo_lightning.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ddp_gradient import G, FixedRollout, global_rollout  # noqa: E402
+from ddp_gradient import FixedRollout, G, global_rollout  # noqa: E402
 from ddp_gradient import main as one_update  # noqa: E402
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_run_inputs
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kpo_lightning.checkpointing import list_checkpoints
 from kpo_lightning.cli import main
 from kpo_lightning.module import KPOModule
-from conftest import write_tiny_run_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 

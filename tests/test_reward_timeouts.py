@@ -232,9 +232,9 @@ def test_signal_stops_a_stuck_batch(reward_file, tmp_path, sig, handler, code):
 
 def test_sigterm_during_a_stuck_reward_stops_the_run(tmp_path):
     """A scheduler's SIGTERM while every reward call blocks (reward.timeout_s=300): the run stops within 10 s
-    (a checkpoint of the last finished step is saved and intact), then exits with Lightning's SIGTERM exit code (0, as for a SIGTERM between
-    steps). The bound is on the stop, not on the interpreter's shutdown that follows, which takes seconds on a
-    loaded machine whatever the reward does."""
+    (a checkpoint of the last finished step is saved and intact), then exits with Lightning's SIGTERM exit code (0, as
+    for a SIGTERM between steps). The bound is on the stop, not on the interpreter's shutdown that follows, which
+    takes seconds on a loaded machine whatever the reward does."""
     (tmp_path / "user_reward.py").write_text(E2E_REWARD)
     out, log_path = tmp_path / "out", tmp_path / "run.log"
     with open(log_path, "w") as log:

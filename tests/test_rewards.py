@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from kpo_lightning import rewards
+from kpo_lightning import answer_extraction, rewards
+from kpo_lightning import math_reward as math_reward_module
 from kpo_lightning.config import RewardConfig
 from kpo_lightning.errors import UserInputError
 from kpo_lightning.rewards import extract_boxed, load_reward_fn, math_reward, score_completions
@@ -18,9 +19,9 @@ from kpo_lightning.rewards import extract_boxed, load_reward_fn, math_reward, sc
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    rewards._CACHE.clear()
+    math_reward_module._CACHE.clear()
     yield
-    rewards._CACHE.clear()
+    math_reward_module._CACHE.clear()
 
 
 # ------------------------------------------------------------------------------------------ extract_boxed
@@ -324,7 +325,7 @@ def test_math_reward_answer_formats(completion, answer, expected):
     ],
 )
 def test_normalise_keeps_separate_numbers_apart(raw, normalised):
-    assert rewards._normalise(raw) == normalised
+    assert answer_extraction._normalise(raw) == normalised
 
 
 # ------------------------------------------------------------------------------------------ thinking models
@@ -384,10 +385,10 @@ def test_timeout_reaches_the_checker_and_is_never_cached(monkeypatch):
     r, errors, timeouts = score_completions(fn, *batch)
     assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
     assert calls == [("x*x", "x^2", 0.7)]  # the configured bound, and identical pairs checked once per batch
-    assert ("x*x", "x^2") not in rewards._CACHE  # a timeout is not a verdict
+    assert ("x*x", "x^2") not in math_reward_module._CACHE  # a timeout is not a verdict
     r, errors, timeouts = score_completions(fn, *batch)  # asked again: checked again, now answered
     assert r.tolist() == [1.0, 1.0, 1.0] and timeouts == 0
-    assert len(calls) == 2 and rewards._CACHE[("x*x", "x^2")] == 1.0
+    assert len(calls) == 2 and math_reward_module._CACHE[("x*x", "x^2")] == 1.0
     score_completions(fn, *batch)
     assert len(calls) == 2  # a verdict is cached
 
@@ -400,7 +401,7 @@ def test_real_timeout_is_counted():
                                             ["5", "5", "3"])
     assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
     assert time.perf_counter() - t < 3 * 0.5 + 1.0  # the identical pair was checked once
-    assert list(rewards._CACHE) == [("x^2+0", "x^2")]  # the warm-up's verdict; the timeout is not cached
+    assert list(math_reward_module._CACHE) == [("x^2+0", "x^2")]  # the warm-up's verdict; the timeout is not cached
 
 
 # ------------------------------------------------------------------------------------------ config keys

@@ -4,7 +4,6 @@ chat template variables (a thinking switch)."""
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -222,7 +221,8 @@ def test_length_check_counts_the_bos(bos_tokenizer):
     """A 4-character prompt is 5 tokens with its BOS: skipped at max_prompt_tokens=4, kept at 5."""
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "12+34=", "answer": "46"}]
     for limit, kept in ((4, 0), (5, 1), (7, 2)):
-        dm = PromptDataModule(DataConfig(source="arithmetic", max_prompt_tokens=limit, val_size=0), tokenizer=bos_tokenizer)
+        cfg = DataConfig(source="arithmetic", max_prompt_tokens=limit, val_size=0)
+        dm = PromptDataModule(cfg, tokenizer=bos_tokenizer)
         assert [dm._too_long(r["prompt"]) for r in rows].count(False) == kept
 
 

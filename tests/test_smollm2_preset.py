@@ -4,7 +4,6 @@ the SmolLM2 chat template is copied here and applied with a tokenizer built in c
 
 import pytest
 
-from kpo_lightning.arithmetic import arithmetic_problem
 from kpo_lightning.cli import main
 from kpo_lightning.config_checks import check_config
 from kpo_lightning.config_loading import load_config

@@ -22,7 +22,7 @@ from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
 from kpo_lightning.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ddp_gradient import GROUPS, G, P, R, FixedRollout, global_rollout  # noqa: E402
+from ddp_gradient import GROUPS, FixedRollout, G, global_rollout  # noqa: E402
 
 N = GROUPS * G  # 16 rows: 4 groups of 4, prompt 5 tokens, response up to 7 (ragged, each row >= 1 token)
 
@@ -118,7 +118,8 @@ def test_ratios_are_one_on_policy_and_pi_old_is_the_policy_before_the_update(los
         assert torch.equal(mask, gen.response_mask[rows])
         torch.testing.assert_close(adv, rollout.advantages[rows], rtol=0, atol=0)
         # pi_old of every row is the policy before any optimizer step (the same forward on the same weights:
-        # measured max |diff| 0 here although the batch shapes differ; 1e-6 is ~1 float32 ulp at |logp| ~ 5, for other BLAS)
+        # measured max |diff| 0 here although the batch shapes differ; 1e-6 is ~1 float32 ulp at |logp| ~ 5,
+        # for other BLAS)
         torch.testing.assert_close(old[mask], before[rows][mask], rtol=0, atol=1e-6)
         if k < 2:  # on-policy mini-batch: pi_old is this very forward, so every ratio is exactly 1
             assert torch.equal(old[mask], logp[mask])
