@@ -38,13 +38,21 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
-from .errors import UserInputError
-from .reward_workers import Failure, Outcome, RewardPool, call_reward, classify, stop_on_sigterm, timeout_failure
+from kpo_lightning.errors import UserInputError
+from kpo_lightning.reward_workers import (
+    Failure,
+    Outcome,
+    RewardPool,
+    call_reward,
+    classify,
+    stop_on_sigterm,
+    timeout_failure,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from .config import RewardConfig
+    from kpo_lightning.config import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +225,7 @@ def _quick_verdict(completion: str, answer: str, prompt: str, answer_after_think
 
 def _symbolic(key: tuple[str, str], timeout_s: float) -> Optional[float]:
     """math-verify's verdict for a normalised (reference, answer) pair, cached; None on timeout (not cached)."""
-    from .math_verify_worker import WORKER
+    from kpo_lightning.math_verify_worker import WORKER
 
     with _CACHE_LOCK:
         if key in _CACHE:
