@@ -30,7 +30,7 @@ from kpo_lightning.losses import (
     check_loss_type,
     compute_policy_loss,
 )
-from kpo_lightning.models import decay_parameter_names, disable_dropout
+from kpo_lightning.models import decay_parameter_names, disable_dropout, weight_dtype
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import reward_from_config
 from kpo_lightning.sharded_generation import full_weights_for_generation
@@ -124,7 +124,7 @@ class KPOModule(pl.LightningModule):
         if self._trainer is None:
             return
         strategy = self.trainer.strategy
-        if self.trainer.precision in ("32-true", "bf16-mixed") and not is_sharded(self.policy):
+        if weight_dtype(self.trainer.precision) == torch.float32 and not is_sharded(self.policy):
             low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
             if low:
                 if self.global_rank == 0:

@@ -136,3 +136,23 @@ def test_exceptions_are_matched_by_class_not_by_name():
     for path in sorted(PACKAGE.glob("*.py")):
         for line in path.read_text().splitlines():
             assert not re.search(r"(exception|exc|err|\be)\)\.__name__\s*(==|!=|in\b)", line), (path.name, line)
+
+
+def test_sampling_defaults_are_the_rollout_config_s():
+    """SamplingParams() samples as the default config does (its defaults are read off RolloutConfig)."""
+    from kpo_lightning.config import RolloutConfig
+    from kpo_lightning.rollout import SamplingParams
+
+    assert SamplingParams() == SamplingParams.for_training(RolloutConfig())
+
+
+def test_weight_dtype_per_accepted_precision():
+    """One function says which weights each precision trains: float32 (master) weights but under bf16-true."""
+    from kpo_lightning.config_checks import PRECISIONS
+    from kpo_lightning.models import training_dtype, weight_dtype
+
+    assert {p: weight_dtype(p) for p in PRECISIONS} == {
+        "32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16
+    }
+    for precision in PRECISIONS:
+        assert training_dtype("bfloat16", precision) == training_dtype("float32", precision) == weight_dtype(precision)
