@@ -156,3 +156,19 @@ def test_weight_dtype_per_accepted_precision():
     }
     for precision in PRECISIONS:
         assert training_dtype("bfloat16", precision) == training_dtype("float32", precision) == weight_dtype(precision)
+
+
+def test_readme_config_table_names_every_accepted_value():
+    """The README row of each key with a list of names mentions every name the code accepts (from its one home)."""
+    from kpo_lightning.config_checks import MODES, PRECISIONS, STRATEGIES
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    accepted = {
+        "mode": MODES, "loss.type": LOSS_TYPES, "loss.agg": AGG_MODES, "loss.kl_estimator": KL_ESTIMATORS,
+        "loss.advantage": ESTIMATORS, "trainer.strategy": STRATEGIES, "trainer.precision": PRECISIONS,
+    }
+    for key, names in accepted.items():
+        row = re.search(rf"^\| `{re.escape(key)}` \| .*$", readme, flags=re.M)
+        assert row, f"README has no config row for {key}"
+        missing = [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", row.group(0))]
+        assert not missing, f"README's {key} row does not name {missing}"
