@@ -57,6 +57,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from kpo_lightning.config import LossConfig
 from kpo_lightning.errors import UserInputError, check_choice
 from kpo_lightning.kalman import causal_kalman_filter
 
@@ -65,8 +66,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOG_RATIO_CLAMP = 20.0  # token log-ratios are clamped to +-this before exp (verl); zero gradient beyond
 MAX_LOG_RATIO = 10.0  # upper clamp on rebuilt log-ratios (KPO, GSPO), as verl's GSPO; zero gradient beyond
 
-# Options every loss takes, with their defaults (the paper: seq-mean-token-mean, no KL term).
-_SHARED_DEFAULTS: dict[str, Any] = {"agg": "seq-mean-token-mean", "beta": 0.0, "kl_estimator": "k3"}
+# Options every loss takes, with their defaults: the config's (the paper: seq-mean-token-mean, no KL term).
+_SHARED_DEFAULTS: dict[str, Any] = {name: getattr(LossConfig(), name) for name in ("agg", "beta", "kl_estimator")}
 # Options every loss takes that have no fixed default (they depend on the data).
 _DATA_OPTIONS = ("agg_norm_constant", "ref_logp", "normalizer")
 

@@ -172,3 +172,10 @@ def test_readme_config_table_names_every_accepted_value():
         assert row, f"README has no config row for {key}"
         missing = [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", row.group(0))]
         assert not missing, f"README's {key} row does not name {missing}"
+
+
+def test_shared_loss_defaults_are_the_config_s():
+    """compute_policy_loss without options aggregates, and weighs KL, as the default config does."""
+    for loss_type in LOSS_TYPES:
+        for name in ("agg", "beta", "kl_estimator"):
+            assert LOSS_DEFAULTS[loss_type][name] == getattr(LossConfig(), name)
