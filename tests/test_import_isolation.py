@@ -65,4 +65,5 @@ def test_package_imports_are_absolute():
     for path in sorted(Path(kpo_lightning.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.level == 0, f"{path.name}:{node.lineno}: relative import from {'.' * node.level}{node.module}"
+                where = f"{path.name}:{node.lineno}"
+                assert node.level == 0, f"{where}: relative import from {'.' * node.level}{node.module}"

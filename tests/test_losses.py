@@ -69,7 +69,8 @@ def token_weights(mask, agg, c=C_NORM):
 
 def loop_filter(zs, q, v, p0=0.0):
     """The spec's scalar Kalman filter over one row's valid log-ratios (kalman.py's plain reference)."""
-    return kalman_filter_reference(torch.tensor([zs], dtype=torch.float64), torch.ones(1, len(zs)), q, v, p0)[0].tolist()
+    z = torch.tensor([zs], dtype=torch.float64)
+    return kalman_filter_reference(z, torch.ones_like(z, dtype=torch.bool), q, v, p0)[0].tolist()
 
 
 def clip_term(r, a, lo, hi, dual):

@@ -168,7 +168,7 @@ def test_readme_config_table_names_every_accepted_value():
         "loss.advantage": ESTIMATORS, "trainer.strategy": STRATEGIES, "trainer.precision": PRECISIONS,
     }
     for key, names in accepted.items():
-        row = re.search(rf"^\| `{re.escape(key)}` \| .*$", readme, flags=re.M)
+        row = re.search(rf"^\| `{re.escape(key)}` \| .*$", readme, flags=re.MULTILINE)
         assert row, f"README has no config row for {key}"
         missing = [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", row.group(0))]
         assert not missing, f"README's {key} row does not name {missing}"
