@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import UserInputError
+from kpo_lightning.errors import UserInputError, check_choice
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -28,8 +28,7 @@ def group_advantages(
     stats (0-d float tensors): zero_var_group_frac (share of groups whose rewards are all equal, which give no
     signal), reward_mean, reward_std (unbiased, over all N rewards; 0 when N = 1).
     """
-    if estimator not in ESTIMATORS:
-        raise UserInputError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    check_choice("loss.advantage", estimator, ESTIMATORS)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise UserInputError(f"group_size={group_size!r} must be a positive integer")
     if estimator in ("grpo", "rloo") and group_size < 2:

@@ -26,15 +26,13 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from kpo_lightning.errors import CheckpointSaveError, NonFiniteTrainingError
+
 CKPT_PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
 TMP_SUFFIX = ".tmp"  # step-N.ckpt.tmp: a save in progress (or cut short), never listed as a checkpoint
 DAMAGED_SUFFIX = ".damaged"  # step-N.ckpt.damaged: set aside by a resume that fell back to an older checkpoint
 # What a resume needs from a checkpoint: weights, optimizer and scheduler, loop progress, our counters.
 REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "kpo")
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (full disk, permissions, I/O error); the previous ones are intact."""
 
 
 def rng_states() -> dict:
@@ -291,7 +289,7 @@ class RolloutCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Interrupted (Ctrl-C, SIGTERM) or failed: keep what was trained so far, but never a step cut in the
         # middle (its weights are half-updated): then the last periodic checkpoint stays the newest.
-        if type(exception).__name__ == "NonFiniteTrainingError":
+        if isinstance(exception, NonFiniteTrainingError):
             return  # the weights may be broken: the last periodic checkpoint is the last good one
         if isinstance(exception, CheckpointSaveError):
             return  # a save just failed: trying again would fail the same way

@@ -1,29 +1,11 @@
 """Online causal Kalman filter over token log-ratios (KPO, arXiv 2602.10609, spec section 2).
 
-Each row's valid tokens are filtered in order, from a fresh start (rho_0 = x0, P_0 = p0):
+Each row's valid tokens z are filtered in order from a fresh start (rho = x0, P = p0):
 
     P- = P + Q;   K = P- / (P- + V);   rho = (1 - K) rho + K z;   P = (1 - K) P-
 
-Because Q and V are constants, the gain K depends only on Q/V, P0/V and the rank of the token among
-the row's valid tokens, never on the data. So every row shares one gain schedule and the filter is
-the linear recurrence ``rho_k = a_k rho_{k-1} + b_k z_k`` (a = 1 - K, b = K) over ranks. We run it as
-an exact hierarchical chunked scan, with no loop over tokens:
-
-1. ranks are cut into blocks of C = 16; inside block n, ``rho = L_n z + d_n * rho_before_block`` with
-   ``L_n[i, j] = b_j prod_{u=j+1..i} a_u`` and ``d_n[i] = prod_{u<=i} a_u`` -- one batched matmul
-   gives every block's states from a zero start;
-2. the state entering each block obeys the same kind of recurrence over the block ends (a = the
-   block's product of a, b = 1), solved the same way on 16x fewer elements, down to one dense block.
-
-All operator entries are products of factors in (0, 1], built in float64 as exp of sums of
-log(1 - K) (sums of same-sign terms, so no cancellation and no division by a vanishing cumulative
-product; entries that underflow are correctly 0). The released closed form overflows; this does not,
-for any Q/V from 1e-10 to 1e2 and rows of any length.
-
-Masked tokens are skipped (holes anywhere, not only right padding): valid tokens are compacted to
-the left of their row, filtered, and gathered back; masked outputs are 0. No gradient flows.
-Masked inputs may hold anything (NaN included). A NaN or inf among a row's *valid* inputs spoils that
-row's outputs, also before it (never other rows); the raw ratio makes the loss non-finite then anyway.
+`kalman_filter_reference` is exactly that loop: read it first. `causal_kalman_filter`, the one training uses,
+gives the same numbers, faster: an exact chunked matmul scan with no loop over tokens (explained below).
 """
 
 from __future__ import annotations
@@ -34,6 +16,54 @@ import threading
 
 import torch
 from torch import Tensor
+
+
+@torch.no_grad()
+def kalman_filter_reference(
+    log_ratio: Tensor, mask: Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0
+) -> Tensor:
+    """Filtered log-ratio rho (B, T), one row and one valid token at a time, computed in float64.
+
+    Same arguments and result as `causal_kalman_filter`: masked tokens are skipped (the state is held
+    across them) and output 0; the result has log_ratio's dtype. Slow: for reading and for tests.
+    """
+    _check_noise(q, v, p0)
+    z, keep = log_ratio.detach().double().tolist(), mask.bool().tolist()
+    out = [[0.0] * len(row) for row in z]
+    for b, row in enumerate(z):
+        rho, P = x0, p0  # every row (response) starts fresh
+        for t, z_t in enumerate(row):
+            if keep[b][t]:
+                P_pred = P + q  # predict: the true log-ratio drifts by process noise q
+                K = P_pred / (P_pred + v)  # gain: how far to trust this token's observation z_t
+                rho = (1 - K) * rho + K * z_t  # update
+                P = (1 - K) * P_pred
+                out[b][t] = rho
+    return torch.tensor(out, dtype=torch.float64).reshape(log_ratio.shape).to(log_ratio.device, log_ratio.dtype)
+
+
+# ------------------------------------------------------------------------------------ the fast path
+#
+# Because Q and V are constants, the gain K depends only on Q/V, P0/V and the rank of the token among
+# the row's valid tokens, never on the data. So every row shares one gain schedule and the filter is
+# the linear recurrence ``rho_k = a_k rho_{k-1} + b_k z_k`` (a = 1 - K, b = K) over ranks. We run it as
+# an exact hierarchical chunked scan, with no loop over tokens:
+#
+# 1. ranks are cut into blocks of C = 16; inside block n, ``rho = L_n z + d_n * rho_before_block`` with
+#    ``L_n[i, j] = b_j prod_{u=j+1..i} a_u`` and ``d_n[i] = prod_{u<=i} a_u`` -- one batched matmul
+#    gives every block's states from a zero start;
+# 2. the state entering each block obeys the same kind of recurrence over the block ends (a = the
+#    block's product of a, b = 1), solved the same way on 16x fewer elements, down to one dense block.
+#
+# All operator entries are products of factors in (0, 1], built in float64 as exp of sums of
+# log(1 - K) (sums of same-sign terms, so no cancellation and no division by a vanishing cumulative
+# product; entries that underflow are correctly 0). The released closed form overflows; this does not,
+# for any Q/V from 1e-10 to 1e2 and rows of any length.
+#
+# Masked tokens are skipped (holes anywhere, not only right padding): valid tokens are compacted to
+# the left of their row, filtered, and gathered back; masked outputs are 0. No gradient flows.
+# Masked inputs may hold anything (NaN included). A NaN or inf among a row's *valid* inputs spoils that
+# row's outputs, also before it (never other rows); the raw ratio makes the loss non-finite then anyway.
 
 # On CPU, rows are filtered in groups of about this many tokens (bounds the scratch memory, see _scratch;
 # the sizes that ran fastest on a 2-core machine: the compaction for holes is memory-bound)
@@ -270,9 +300,12 @@ def causal_kalman_filter(
 ) -> Tensor:
     """Filtered log-ratio rho (B, T) in log_ratio's dtype; masked positions are skipped and output 0.
 
-    Exact (to the compute dtype's rounding) version of the scalar recursion in spec section 2, run as
-    a chunked matmul scan. No gradient flows: the result is a fixed target, recomputed each forward.
-    Masked inputs may hold anything, NaN included.
+    Same numbers as `kalman_filter_reference`, faster (a chunked matmul scan, see above), computed in the
+    input's dtype (half inputs in float32, rounded once at the end): tests/test_kalman.py holds every output
+    within 1e-12 (float64) or 2e-6 (float32) of the largest |rho| of the batch, against the reference of the
+    same input. No gradient flows: the result is a fixed target, recomputed each forward. Masked inputs may
+    hold anything, NaN included; a non-finite *valid* input spoils its whole row (the reference: from that
+    token on).
     """
     _check_noise(q, v, p0)
     z = log_ratio.detach()

@@ -57,20 +57,19 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .errors import UserInputError
-from .kalman import causal_kalman_filter
+from kpo_lightning.config import LossConfig
+from kpo_lightning.errors import UserInputError, check_choice
+from kpo_lightning.kalman import causal_kalman_filter
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOG_RATIO_CLAMP = 20.0  # token log-ratios are clamped to +-this before exp (verl); zero gradient beyond
 MAX_LOG_RATIO = 10.0  # upper clamp on rebuilt log-ratios (KPO, GSPO), as verl's GSPO; zero gradient beyond
 
-# Options every loss takes, with their defaults (the paper: seq-mean-token-mean, no KL term).
-_SHARED_DEFAULTS: dict[str, Any] = {"agg": "seq-mean-token-mean", "beta": 0.0, "kl_estimator": "k3"}
+# Options every loss takes, with their defaults: the config's (the paper: seq-mean-token-mean, no KL term).
+_SHARED_DEFAULTS: dict[str, Any] = {name: getattr(LossConfig(), name) for name in ("agg", "beta", "kl_estimator")}
 # Options every loss takes that have no fixed default (they depend on the data).
 _DATA_OPTIONS = ("agg_norm_constant", "ref_logp", "normalizer")
-# Every loss-specific option name, for "does not apply" errors.
-_SPECIFIC_OPTIONS = ("clip_low", "clip_high", "dual_clip", "kalman_q", "kalman_v", "kalman_p0")
 
 
 @dataclass(frozen=True)
@@ -184,15 +183,43 @@ def kpo_clipped_loss(b: LossInputs):
 
 
 LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
+# Every loss-specific option name (each is a `LossConfig` field), from the registry: clip_low, clip_high,
+# dual_clip, kalman_q, kalman_v, kalman_p0.
+LOSS_OPTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys(name for defaults in LOSS_DEFAULTS.values() for name in defaults if name not in _SHARED_DEFAULTS)
+)
 
 # ----------------------------------------------------------------------------------------------- options
 
 
-def _number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
+# The accepted range of every numeric loss option, stated once: `resolve_loss_options` and the config's loss.*
+# checks (config_checks) both use `check_loss_option`. A clip bound is an epsilon of the spec's clip(r, 1 - eps_low,
+# 1 + eps_high) (GMPO: of the log-ratio): the ratio's lower bound 1 - eps_low must stay above 0.
+OPTION_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "clip_low": (lambda x: 0.0 < x < 1.0, "a clip bound must lie in (0, 1), e.g. 0.2"),
+    "clip_high": (lambda x: 0.0 < x < 1.0, "a clip bound must lie in (0, 1), e.g. 0.2"),
+    "dual_clip": (lambda x: x == 0.0 or x > 1.0, "it must be > 1 (verl uses 3.0), or 0 to disable it"),
+    "kalman_q": (lambda x: x > 0.0, "it must be > 0"),
+    "kalman_v": (lambda x: x > 0.0, "it must be > 0"),
+    "kalman_p0": (lambda x: x >= 0.0, "it must be >= 0"),
+    "beta": (lambda x: x >= 0.0, "it must be >= 0"),
+    "agg_norm_constant": (lambda x: x > 0.0, "it must be > 0"),
+    "normalizer": (lambda x: x >= 0.0, "it must be >= 0"),
+}
+
+
+def check_loss_type(loss_type: str) -> None:
+    """The one check of a loss name (the config's loss.type, `KPOModule`, `compute_policy_loss`)."""
+    check_choice("loss.type", loss_type, LOSS_TYPES)
+
+
+def check_loss_option(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number in `name`'s range (OPTION_RANGES), else one UserInputError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserInputError(f"loss option {name}={value!r} must be a finite number")
-    if value < minimum or (strict and value == minimum):
-        raise UserInputError(f"loss option {name}={value!r} must be {'>' if strict else '>='} {minimum}")
+        raise UserInputError(f"loss.{name}={value!r} is invalid: it must be a finite number")
+    in_range, fix = OPTION_RANGES[name]
+    if not in_range(value):
+        raise UserInputError(f"loss.{name}={value!r} is invalid: {fix}")
     return float(value)
 
 
@@ -202,12 +229,11 @@ def resolve_loss_options(loss_type: str, **options: Any) -> dict[str, Any]:
     Raises UserInputError for an unknown loss type, an unknown option, an option set (not None) that this loss
     does not use, or a bad value. Call it at setup to fail fast on a bad config.
     """
-    if loss_type not in _LOSSES:
-        raise UserInputError(f"unknown loss type {loss_type!r}; valid: {', '.join(_LOSSES)}")
+    check_loss_type(loss_type)
     defaults = LOSS_DEFAULTS[loss_type]
     valid_names = (*defaults, *_DATA_OPTIONS)
     for name, value in options.items():
-        if name not in valid_names and name not in _SPECIFIC_OPTIONS:
+        if name not in valid_names and name not in LOSS_OPTIONS:
             raise UserInputError(
                 f"unknown loss option {name!r}; valid options for {loss_type!r}: {', '.join(valid_names)}"
             )
@@ -218,24 +244,11 @@ def resolve_loss_options(loss_type: str, **options: Any) -> dict[str, Any]:
     opts = {**defaults, **{k: None for k in _DATA_OPTIONS}}
     opts.update({k: v for k, v in options.items() if v is not None and k in valid_names})
 
-    for name in ("clip_low", "clip_high", "kalman_q", "kalman_p0", "beta"):
-        if name in opts:
-            opts[name] = _number(name, opts[name])
-    if "kalman_v" in opts:
-        opts["kalman_v"] = _number("kalman_v", opts["kalman_v"], strict=True)
-    if "dual_clip" in opts:
-        d = _number("dual_clip", opts["dual_clip"])
-        if d != 0.0 and d <= 1.0:
-            raise UserInputError(f"loss option dual_clip={d!r} must be > 1 (or 0 to disable it)")
-        opts["dual_clip"] = d
-    if opts["agg"] not in AGG_MODES:
-        raise UserInputError(f"unknown loss aggregation agg={opts['agg']!r}; valid: {', '.join(AGG_MODES)}")
-    if opts["kl_estimator"] not in KL_ESTIMATORS:
-        raise UserInputError(f"unknown kl_estimator={opts['kl_estimator']!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    if opts["agg_norm_constant"] is not None:
-        opts["agg_norm_constant"] = _number("agg_norm_constant", opts["agg_norm_constant"], strict=True)
-    if opts["normalizer"] is not None and not isinstance(opts["normalizer"], Tensor):
-        opts["normalizer"] = _number("normalizer", opts["normalizer"])
+    for name in OPTION_RANGES:
+        if opts.get(name) is not None and not (name == "normalizer" and isinstance(opts[name], Tensor)):
+            opts[name] = check_loss_option(name, opts[name])
+    check_choice("loss.agg", opts["agg"], AGG_MODES)
+    check_choice("loss.kl_estimator", opts["kl_estimator"], KL_ESTIMATORS)
     if opts["beta"] > 0 and opts["ref_logp"] is None:
         raise UserInputError("loss option beta > 0 needs ref_logp (the reference model's log-probs)")
     return opts
@@ -252,8 +265,7 @@ def _count(agg: str, mask: Tensor) -> Tensor:
 
 def aggregation_normalizer(agg: str, mask: Tensor) -> float:
     """The count `agg` divides by for this mask; sum it over micro-batches/processes to get `normalizer`."""
-    if agg not in AGG_MODES:
-        raise UserInputError(f"unknown loss aggregation agg={agg!r}; valid: {', '.join(AGG_MODES)}")
+    check_choice("loss.agg", agg, AGG_MODES)
     return float(_count(agg, mask))
 
 

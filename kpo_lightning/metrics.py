@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-_LOG_RATIO_CLAMP = 20.0  # as in the losses
+from kpo_lightning.losses import LOG_RATIO_CLAMP as _LOG_RATIO_CLAMP  # the losses' clamp
 
 
 class RatioVariance(Metric):

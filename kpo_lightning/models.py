@@ -98,14 +98,20 @@ def check_model_source(cfg: ModelConfig) -> None:
         resolve_model_path(cfg.name_or_path)
 
 
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weights the optimizer updates under `trainer.precision`: bfloat16 under bf16-true, else
+    float32 (32-true, and bf16-mixed's master weights)."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
 def training_dtype(dtype: str, precision: str) -> torch.dtype:
     """The dtype the policy is loaded in for training under `trainer.precision`: the weights the optimizer updates.
 
     32-true and bf16-mixed keep float32 master weights (bf16 weights at lr 1e-6 barely move: most updates round
     away), so another `model.dtype` is overridden, saying so once; bf16-true trains bfloat16 weights by choice.
     """
-    wanted = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    if DTYPES[dtype] != wanted and precision != "bf16-true":
+    wanted = weight_dtype(precision)
+    if DTYPES[dtype] != wanted and wanted == torch.float32:
         _note_once(f"[kpo] model.dtype={dtype} with trainer.precision={precision}: the policy is loaded in float32 "
                    "(master weights the optimizer updates; compute follows trainer.precision). "
                    "trainer.precision=bf16-true trains bfloat16 weights instead.")

@@ -19,12 +19,18 @@ import torch
 from torch import Tensor
 
 from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig
-from kpo_lightning.errors import UserInputError
+from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
 from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
 from kpo_lightning.sequence_logprobs import sequence_logprobs
-from kpo_lightning.losses import LOSS_DEFAULTS, aggregation_normalizer, compute_policy_loss
-from kpo_lightning.models import decay_parameter_names, disable_dropout
+from kpo_lightning.losses import (
+    LOSS_DEFAULTS,
+    LOSS_OPTIONS,
+    aggregation_normalizer,
+    check_loss_type,
+    compute_policy_loss,
+)
+from kpo_lightning.models import decay_parameter_names, disable_dropout, weight_dtype
 from kpo_lightning.metrics import RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import reward_from_config
 from kpo_lightning.sharded_generation import full_weights_for_generation
@@ -35,15 +41,10 @@ from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, Samp
 COUNT_METRICS = ("num_tokens", "nonfinite_tokens")  # summed over micro-batches, not averaged
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
 def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
     """The loss options set in the config (None means: the loss type's paper default)."""
-    names = ["clip_low", "clip_high", "dual_clip", "kalman_q", "kalman_v", "kalman_p0"]
     known = LOSS_DEFAULTS[cfg.type]
-    opts = {n: getattr(cfg, n) for n in names if getattr(cfg, n) is not None and n in known}
+    opts = {n: getattr(cfg, n) for n in LOSS_OPTIONS if getattr(cfg, n) is not None and n in known}
     opts["agg"] = cfg.agg
     if cfg.agg == "seq-mean-token-sum-norm":
         opts["agg_norm_constant"] = cfg.agg_norm_constant or float(max_new_tokens)
@@ -73,8 +74,7 @@ class KPOModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if loss.type not in LOSS_DEFAULTS:
-            raise UserInputError(f"loss.type={loss.type!r} is not a loss; use one of {sorted(LOSS_DEFAULTS)}")
+        check_loss_type(loss.type)
         self.policy = disable_dropout(policy)
         self.tokenizer = tokenizer
         self.loss_cfg, self.optim_cfg, self.rollout_cfg = loss, optim, rollout
@@ -124,7 +124,7 @@ class KPOModule(pl.LightningModule):
         if self._trainer is None:
             return
         strategy = self.trainer.strategy
-        if self.trainer.precision in ("32-true", "bf16-mixed") and not is_sharded(self.policy):
+        if weight_dtype(self.trainer.precision) == torch.float32 and not is_sharded(self.policy):
             low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
             if low:
                 if self.global_rank == 0:

@@ -24,18 +24,21 @@ from kpo_lightning.prompt_tokens import encode_prompts
 from kpo_lightning.rewards import score_completions
 
 
+_ROLLOUT = RolloutConfig()  # SamplingParams' defaults are the config's: one place states them
+
+
 @dataclass
 class SamplingParams:
     """How to sample responses (the knobs every engine understands), and nothing else: an engine samples from
     softmax(logits / temperature) restricted by top-k and top-p, with no other logits processor (no repetition
     penalty, min-p, suppressed tokens, ... whatever the model's own generation config says)."""
 
-    num_samples: int = 8
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy (evaluation only: training log-probs need a temperature > 0)
-    top_p: float = 1.0
-    top_k: int = 0
-    batch_size: int = 0  # sequences per generate() call; 0 = all at once
+    num_samples: int = _ROLLOUT.num_generations
+    max_new_tokens: int = _ROLLOUT.max_new_tokens
+    temperature: float = _ROLLOUT.temperature  # 0 = greedy (evaluation only: training log-probs need a temperature > 0)
+    top_p: float = _ROLLOUT.top_p  # 1.0 = off
+    top_k: int = _ROLLOUT.top_k  # 0 = off
+    batch_size: int = _ROLLOUT.generation_batch_size  # sequences per generate() call; 0 = all at once
     seed: int | None = None  # seeds this call's sampling; None = the global RNG as it stands
 
     @classmethod

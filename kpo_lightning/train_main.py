@@ -13,24 +13,22 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from kpo_lightning.checkpointing import (
     DAMAGED_SUFFIX,
-    CheckpointSaveError,
     RolloutCheckpoint,
     checkpoint_problem,
     checkpoint_rollout_step,
     list_checkpoints,
 )
 from kpo_lightning.config import Config
+from kpo_lightning.config_checks import RESUME_AUTO
 from kpo_lightning.config_loading import to_yaml
 from kpo_lightning.datamodule import PromptDataModule
-from kpo_lightning.errors import UserInputError
+from kpo_lightning.errors import CheckpointSaveError, NonFiniteTrainingError, UserInputError
 from kpo_lightning.export import save_hf_folder
 from kpo_lightning.models import load_model_and_tokenizer
-from kpo_lightning.module import KPOModule, NonFiniteTrainingError
+from kpo_lightning.module import KPOModule
 from kpo_lightning.rollout_callback import RolloutCallback
 from kpo_lightning.strategies import FSDPStrategy, full_state_dict, is_sharded
 from kpo_lightning.versions import startup_banner
-
-RESUME_AUTO = ("auto", "auto_or_fresh")
 
 
 def _devices(spec: str):

@@ -1,36 +1,23 @@
-"""The fast causal Kalman filter (spec section 2) against a slow, obvious per-token reference."""
+"""The fast causal Kalman filter (spec section 2) against the plain per-token recursion shipped next to it."""
 
 from __future__ import annotations
 
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpo_lightning.kalman import causal_kalman_filter, gains
+from kpo_lightning.kalman import causal_kalman_filter, gains, kalman_filter_reference
 
 QV_VALUES = [1e-10, 1e-6, 1e-3, 1.0, 1e2]
 
 
 def reference_filter(z: torch.Tensor, mask: torch.Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0) -> torch.Tensor:
-    """The spec's scalar recursion, one row and one valid token at a time, in float64."""
-    zz, mm = z.detach().double().numpy(), mask.bool().numpy()
-    out = np.zeros(zz.shape)
-    for b in range(zz.shape[0]):
-        rho, P = x0, p0
-        for t in range(zz.shape[1]):
-            if not mm[b, t]:
-                continue
-            p_pred = P + q
-            K = p_pred / (p_pred + v)
-            rho = rho + K * (zz[b, t] - rho)
-            P = (1 - K) * p_pred
-            out[b, t] = rho
-    return torch.from_numpy(out)
+    """The spec's recursion (kpo_lightning.kalman.kalman_filter_reference) of these inputs, kept in float64."""
+    return kalman_filter_reference(z.double(), mask, q, v, p0, x0)
 
 
 def random_mask(g: torch.Generator, B: int, T: int, holes: bool) -> torch.Tensor:
@@ -159,6 +146,21 @@ def test_non_finite_valid_input_stays_in_its_row() -> None:
     assert torch.isnan(out[3, 150:]).all()
     for m in (mask, torch.ones_like(mask)):  # later calls: holes, and right padding
         torch.testing.assert_close(causal_kalman_filter(z, m, 1e-3, 1.0), reference_filter(z, m, 1e-3, 1.0), rtol=0, atol=1e-13)
+
+
+def test_reference_by_hand() -> None:
+    """The reference against the recursion worked out on paper: q = v = 1, p0 = 0, a hole at position 1.
+
+    K_1 = 1/2, P_1 = 1/2; K_2 = 1.5/2.5 = 0.6 (the hole holds rho and P): rho = [z0/2, 0, 0.4 rho_1 + 0.6 z2]."""
+    z = torch.tensor([[2.0, float("nan"), -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, False, True]])
+    expected = torch.tensor([[1.0, 0.0, 0.4 * 1.0 + 0.6 * -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(kalman_filter_reference(z, mask, 1.0, 1.0), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(causal_kalman_filter(z, mask, 1.0, 1.0), expected, rtol=0, atol=1e-15)
+    out32 = kalman_filter_reference(z.float(), mask, 1.0, 1.0, x0=0.5)  # x0 = 0.5: rho_1 = 0.5 * 0.5 + 0.5 * 2
+    assert out32.dtype == torch.float32 and out32[0, 0].item() == 1.25
+    assert kalman_filter_reference(torch.randn(0, 5), torch.ones(0, 5), 1e-6, 1.0).shape == (0, 5)
+    assert kalman_filter_reference(torch.randn(2, 0), torch.ones(2, 0), 1e-6, 1.0).shape == (2, 0)
 
 
 def test_all_masked_and_empty_shapes() -> None:

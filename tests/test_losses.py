@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kpo_lightning.errors import UserInputError
+from kpo_lightning.kalman import kalman_filter_reference
 from kpo_lightning.losses import (
     AGG_MODES,
     LOSS_DEFAULTS,
@@ -67,15 +68,9 @@ def token_weights(mask, agg, c=C_NORM):
 
 
 def loop_filter(zs, q, v, p0=0.0):
-    """The spec's scalar Kalman filter, one token at a time."""
-    rho, p, out = 0.0, p0, []
-    for z in zs:
-        p_pred = p + q
-        k = p_pred / (p_pred + v)
-        rho = rho + k * (z - rho)
-        p = (1 - k) * p_pred
-        out.append(rho)
-    return out
+    """The spec's scalar Kalman filter over one row's valid log-ratios (kalman.py's plain reference)."""
+    z = torch.tensor([zs], dtype=torch.float64)
+    return kalman_filter_reference(z, torch.ones_like(z, dtype=torch.bool), q, v, p0)[0].tolist()
 
 
 def clip_term(r, a, lo, hi, dual):

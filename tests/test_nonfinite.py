@@ -1,6 +1,8 @@
 """Bad numbers: non-finite gradient norms skip the step and are counted; too many in a row stop the run with a
 clear error, and the last good checkpoint stays."""
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from kpo_lightning import KPOModule, PromptDataModule
 from kpo_lightning.checkpointing import RolloutCheckpoint, list_checkpoints
 from kpo_lightning.config import DataConfig, OptimConfig, RolloutConfig
-from kpo_lightning.module import NonFiniteTrainingError
+from kpo_lightning.errors import NonFiniteTrainingError
 
 
 def digit_reward(prompt, completion, answer, **kwargs):
@@ -64,3 +66,19 @@ def test_too_many_skips_in_a_row_stop_with_last_good_checkpoint(tmp_path, char_t
     assert [p.name for p in ckpts] == ["step-000001.ckpt", "step-000002.ckpt"]
     state = torch.load(ckpts[-1], weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_checkpoint_callback_never_saves_after_non_finite_stop(tmp_path):
+    """Matched by class (errors.py): even outside a step, a NonFiniteTrainingError saves nothing; another error does."""
+    saved = []
+
+    class Recording(RolloutCheckpoint):
+        def save(self, trainer, pl_module):
+            saved.append(type(pl_module).__name__)
+            return tmp_path / "step-000001.ckpt"
+
+    callback, module = Recording(tmp_path), SimpleNamespace(rollout_step=1)
+    callback.on_exception(None, module, NonFiniteTrainingError("3 steps in a row"))
+    assert saved == []
+    callback.on_exception(None, module, RuntimeError("some other failure"))
+    assert saved == ["SimpleNamespace"]
