@@ -76,7 +76,7 @@ def _quick_verdict(completion: str, answer: str, prompt: str, answer_after_think
 
 def _symbolic(key: tuple[str, str], timeout_s: float) -> float | None:
     """math-verify's verdict for a normalised (reference, answer) pair, cached; None on timeout (not cached)."""
-    from .math_verify_worker import WORKER
+    from kpo_lightning.math_verify_worker import WORKER
 
     with _CACHE_LOCK:
         if key in _CACHE:
