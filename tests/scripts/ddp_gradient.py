@@ -97,7 +97,8 @@ class SaveGrads(pl.Callback):
         names = {id(p): n for n, p in pl_module.policy.named_parameters()}
         groups = [sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups]
         (self.out / f"run-rank{rank}.json").write_text(json.dumps({
-            "logs": pl_module.last_logs, "own_logs": OWN_LOGS, "skipped_steps": pl_module.skipped_steps, "groups": groups,
+            "logs": pl_module.last_logs, "own_logs": OWN_LOGS, "skipped_steps": pl_module.skipped_steps,
+            "groups": groups,
             "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
             "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
             "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups]}))
