@@ -261,6 +261,8 @@ class KPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One rollout step: pi_old (and reference) log-probs, then for each epoch and mini-batch the micro-batch
+        losses and backwards, then one optimizer step; logging is `_log_step`'s."""
         rollout: Optional[Rollout] = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None:
             raise RuntimeError("the batch has no rollout: add kpo_lightning.RolloutCallback to the Trainer's callbacks")
@@ -325,10 +327,8 @@ class KPOModule(pl.LightningModule):
         """Log the rollout step: one point per `train/*` name, combined over processes (see `step_logs`)."""
         update_s = time.perf_counter() - step_start
         gen = rollout.generation
-        reduce = None
-        if self.trainer.world_size > 1:
-            def reduce(t: Tensor, op: str) -> Tensor:
-                return self.trainer.strategy.reduce(t, reduce_op=op)
+        strategy = self.trainer.strategy
+        reduce = (lambda t, op: strategy.reduce(t, reduce_op=op)) if self.trainer.world_size > 1 else None
         values = logs.finish(
             rollout.stats, gen.input_ids.shape[0], entropy, gen.response_mask,
             step_seconds=update_s + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"],
