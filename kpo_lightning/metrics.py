@@ -7,8 +7,6 @@ Feed the raw log-ratio (logp - old_logp) for the raw series, and the filter's rh
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -50,6 +48,14 @@ class RatioVariance(Metric):
         return (self.sum_sq / n - mean.square()).clamp_min(0).float()
 
 
+class RatioMean(RatioVariance):
+    """Mean of the ratio exp(log_ratio) over all valid tokens seen: the same sums as `RatioVariance`, another
+    `compute` (1 + mean of expm1(log_ratio))."""
+
+    def compute(self) -> Tensor:
+        return (1.0 + self.sum / self.count.clamp_min(1)).float()
+
+
 class SwitchFrequency(Metric):
     """Mean over responses (with >= 2 valid tokens) of the share of adjacent valid-token pairs whose sign flips.
 
@@ -87,26 +93,3 @@ def switch_fractions(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     pairs = is_pair.sum(-1)
     frac = torch.where(pairs > 0, flips.sum(-1) / pairs.clamp_min(1), 0.0)
     return frac, pairs > 0
-
-
-class ClipFraction(Metric):
-    """Token-weighted mean of a clip fraction: update(frac, num_tokens) with the loss's `clip_frac_low` (or
-    `_high`, `_dual`) and `num_tokens` metrics. Use one instance per side."""
-
-    full_state_update = False
-    higher_is_better = False
-    is_differentiable = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("clipped", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, frac: Union[Tensor, float], num_tokens: Union[Tensor, float]) -> None:
-        frac = torch.as_tensor(frac, dtype=torch.float64, device=self.device)
-        num_tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=self.device)
-        self.clipped += (frac * num_tokens).sum()
-        self.tokens += num_tokens.sum()
-
-    def compute(self) -> Tensor:
-        return (self.clipped / self.tokens.clamp_min(1)).float()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torchmetrics import MetricCollection
 
 from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig
 from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
@@ -31,14 +32,13 @@ from kpo_lightning.losses import (
     compute_policy_loss,
 )
 from kpo_lightning.models import decay_parameter_names, disable_dropout, weight_dtype
-from kpo_lightning.metrics import RatioVariance, SwitchFrequency
+from kpo_lightning.metrics import RatioMean, RatioVariance, SwitchFrequency
 from kpo_lightning.rewards import reward_from_config
 from kpo_lightning.sharded_generation import full_weights_for_generation
 from kpo_lightning.strategies import FSDPStrategy, is_sharded
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
-
-
-COUNT_METRICS = ("num_tokens", "nonfinite_tokens")  # summed over micro-batches, not averaged
+from kpo_lightning.rollout_callback import RolloutCallback, RolloutInputs
+from kpo_lightning.step_logs import StepLogs
 
 
 def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
@@ -49,6 +49,12 @@ def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
     if cfg.agg == "seq-mean-token-sum-norm":
         opts["agg_norm_constant"] = cfg.agg_norm_constant or float(max_new_tokens)
     return opts
+
+
+def _ratio_metrics(series: str) -> MetricCollection:
+    """train/ratio_mean_<series>, train/ratio_var_<series>, train/switch_freq_<series>."""
+    return MetricCollection({"ratio_mean": RatioMean(series), "ratio_var": RatioVariance(series),
+                             "switch_freq": SwitchFrequency()}, postfix=f"_{series}", compute_groups=False)
 
 
 class KPOModule(pl.LightningModule):
@@ -96,10 +102,9 @@ class KPOModule(pl.LightningModule):
         if loss.beta > 0 and not hasattr(policy, "disable_adapter"):
             self._reference.append(copy.deepcopy(policy).eval().requires_grad_(False))
 
-        self.ratio_var_raw = RatioVariance()
-        self.ratio_var_filtered = RatioVariance()
-        self.switch_freq_raw = SwitchFrequency()
-        self.switch_freq_filtered = SwitchFrequency()
+        # Ratio diagnostics over the off-policy tokens of a rollout step, synced over processes when logged.
+        self.ratio_metrics_raw = _ratio_metrics("raw")
+        self.ratio_metrics_filtered = _ratio_metrics("filtered")
         self.rollout_step = 0  # rollout steps done (the x axis of every curve)
         self.warmup_steps: Optional[int] = None  # optimizer steps of LR warm-up, set by configure_optimizers
         self.skipped_steps = 0
@@ -109,8 +114,6 @@ class KPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- Lightning wiring
     def configure_callbacks(self):
-        from kpo_lightning.rollout_callback import RolloutCallback
-
         user_has_one = self._trainer is not None and any(
             isinstance(cb, RolloutCallback) for cb in self.trainer.callbacks
         )
@@ -186,6 +189,13 @@ class KPOModule(pl.LightningModule):
         if state.get("warmup_steps") is not None:  # older checkpoints: recomputed from the new length
             self.warmup_steps = state["warmup_steps"]
 
+    def rollout_inputs(self) -> RolloutInputs:
+        """What `RolloutCallback` samples this step's rollout with (its whole view of this module)."""
+        return RolloutInputs(engine=self.engine, policy=self.policy, tokenizer=self.tokenizer, reward_fn=self.reward_fn,
+                             params=SamplingParams.for_training(self.rollout_cfg),
+                             advantage_estimator=self.loss_cfg.advantage, seed=self.seed,
+                             global_rank=self.global_rank, rollout_step=self.rollout_step)
+
     # ----------------------------------------------------------------- log-probs
     def sampling_params(self, rollout: Rollout) -> SamplingParams:
         """What `rollout` was sampled with (it records it; else the training settings RolloutCallback uses): the
@@ -251,6 +261,8 @@ class KPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One rollout step: pi_old (and reference) log-probs, then for each epoch and mini-batch the micro-batch
+        losses and backwards, then one optimizer step; logging is `_log_step`'s."""
         rollout: Optional[Rollout] = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None:
             raise RuntimeError("the batch has no rollout: add kpo_lightning.RolloutCallback to the Trainer's callbacks")
@@ -261,36 +273,25 @@ class KPOModule(pl.LightningModule):
         advantages = rollout.advantages.to(device)
 
         params = self.sampling_params(rollout)  # temperature and group size as sampled, whoever sampled
-        n_rows, group = gen.input_ids.shape[0], params.num_samples
-        n_groups = n_rows // group
+        n_groups = gen.input_ids.shape[0] // params.num_samples
         if n_groups % self.optim_cfg.num_minibatches:
             raise UserInputError(
                 f"optim.num_minibatches={self.optim_cfg.num_minibatches} does not divide the {n_groups} prompts this "
                 "process holds per rollout (data.prompts_per_step / processes): groups are never split"
             )
-        rows_per_mb = n_groups // self.optim_cfg.num_minibatches * group
+        rows_per_mb = n_groups // self.optim_cfg.num_minibatches * params.num_samples
         old_logp, entropy, ref_logp = self._old_logprobs(rollout, first_row=rows_per_mb)
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        world = self.trainer.world_size
-        sums: dict[str, Tensor] = {}  # kept on the device: one sync at the end of the step, not per micro-batch
-        n_tokens = torch.zeros((), dtype=torch.float32, device=device)  # float32 also under bf16-true
-        grad_norms: list[float] = []
-        minibatch_losses: list[float] = []
+        logs = StepLogs()
         last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
         for epoch in range(self.optim_cfg.epochs_per_rollout):
             for mb in range(self.optim_cfg.num_minibatches):
                 mb_rows = torch.arange(mb * rows_per_mb, (mb + 1) * rows_per_mb, device=device)
                 off_policy = epoch > 0 or mb > 0
-                # Normalise by the whole mini-batch's count, summed over processes; DDP and FSDP average gradients, so
-                # each process divides by (global count / world size) to get the global-batch gradient.
-                norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask[mb_rows])),
-                                    dtype=torch.float32, device=device)
-                if world > 1:
-                    norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
-                normalizer = norm.item() / world
-                loss_total = torch.zeros((), dtype=torch.float32, device=device)
+                normalizer = self._loss_normalizer(mask[mb_rows])
+                loss_total = torch.zeros((), dtype=torch.float32, device=device)  # float32 also under bf16-true
                 micro_batches = self._micro_batches(mb_rows, gen.input_ids.shape[1])
                 for i, rows in enumerate(micro_batches):
                     # Under DDP, all-reduce gradients once per optimizer step, on the last micro-batch.
@@ -302,44 +303,46 @@ class KPOModule(pl.LightningModule):
                                                                      temperature=params.temperature)
                         self.manual_backward(loss)
                     loss_total += loss.detach()
-                    weight = metrics["num_tokens"].to(device)
-                    for k, v in metrics.items():  # token-weighted means; counts are summed
-                        sums[k] = sums.get(k, 0.0) + v.to(device) * (1.0 if k in COUNT_METRICS else weight)
-                    n_tokens += weight
+                    logs.add_micro_batch(metrics)
                     if off_policy:
                         last_offpolicy = self._update_ratio_metrics(logp.detach() - old_logp[rows], mask[rows])
-                grad_norm = self._step_or_skip(opt, sched, loss_total)
-                grad_norms.append(grad_norm)
-                minibatch_losses.append(float(loss_total))
+                logs.add_optimizer_step(loss_total, self._step_or_skip(opt, sched, loss_total))
 
         self.rollout_step += 1
-        seconds = time.perf_counter() - step_start + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"]
-        logs = {f"train/{k}": v for k, v in rollout.stats.items()}
-        n_tokens = n_tokens.clamp(min=1.0)
-        logs.update({f"train/{k}": (v if k in COUNT_METRICS else v / n_tokens).item() for k, v in sums.items()})
-        valid = mask.sum().clamp(min=1)
-        logs.update({
-            "train/entropy": ((entropy * mask).sum() / valid).item(),
-            "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            "train/loss": sum(minibatch_losses) / max(len(minibatch_losses), 1),
-            "train/lr": sched.get_last_lr()[0],
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0),
-            "train/tokens_per_second": rollout.stats["generated_tokens"] / max(seconds, 1e-9),
-            "train/time_update_s": time.perf_counter() - step_start,
-        })
-        if "train/clip_frac_low" in logs and "train/clip_frac_high" in logs:
-            logs["train/clip_frac"] = logs["train/clip_frac_low"] + logs["train/clip_frac_high"]
-        for name in ("ratio_var_raw", "ratio_var_filtered", "switch_freq_raw", "switch_freq_filtered"):
-            metric = getattr(self, name)
-            if metric.update_count > 0:
-                logs[f"train/{name}"] = float(metric.compute())
-            metric.reset()
-        self.log("reward", rollout.stats["reward"], prog_bar=True, logger=False, batch_size=n_rows)
-        self.log("train/reward", rollout.stats["reward"], logger=False, batch_size=n_rows)
-        self.last_logs = logs  # for callbacks and tests
-        self._log_metrics(logs)
-        self._log_text_and_figure(rollout, last_offpolicy)
+        self._log_step(logs, rollout, entropy, step_start, last_offpolicy)
+
+    def _loss_normalizer(self, mask: Tensor) -> float:
+        """The count a mini-batch's loss divides by: its whole count summed over processes, over the world size.
+        DDP and FSDP average gradients, so each process divides by (global count / world size) to get the
+        global-batch gradient."""
+        world = self.trainer.world_size
+        norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask)), dtype=torch.float32,
+                            device=mask.device)
+        if world > 1:
+            norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
+        return norm.item() / world
+
+    def _log_step(self, logs: StepLogs, rollout: Rollout, entropy: Tensor, step_start: float,
+                  offpolicy: Optional[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Log the rollout step: one point per `train/*` name, combined over processes (see `step_logs`)."""
+        update_s = time.perf_counter() - step_start
+        gen = rollout.generation
+        strategy = self.trainer.strategy
+        reduce = (lambda t, op: strategy.reduce(t, reduce_op=op)) if self.trainer.world_size > 1 else None
+        values = logs.finish(
+            rollout.stats, gen.input_ids.shape[0], entropy, gen.response_mask,
+            step_seconds=update_s + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"],
+            update_seconds=update_s,
+            same={"lr": self.lr_schedulers().get_last_lr()[0], "skipped_steps": float(self.skipped_steps),
+                  "skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0)},
+            ratio_diagnostics=(self.ratio_metrics_raw, self.ratio_metrics_filtered), reduce=reduce,
+        )
+        batch_size = gen.input_ids.shape[0]
+        self.log("reward", values["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
+        self.log("train/reward", values["train/reward"], logger=False, batch_size=batch_size)
+        self.last_logs = values  # for callbacks and tests
+        self._log_metrics(values)
+        self._log_text_and_figure(rollout, offpolicy)
 
     def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, entropy: Tensor, advantages: Tensor,
                           mask: Tensor, ref_logp: Optional[Tensor], normalizer: float,
@@ -364,10 +367,8 @@ class KPOModule(pl.LightningModule):
         raw = raw.float()
         kal = self.diag_kalman
         filtered = causal_kalman_filter(raw, mask, kal["kalman_q"], kal["kalman_v"], kal["kalman_p0"])
-        self.ratio_var_raw.update(raw, mask)
-        self.ratio_var_filtered.update(filtered, mask)
-        self.switch_freq_raw.update(raw, mask)
-        self.switch_freq_filtered.update(filtered, mask)
+        self.ratio_metrics_raw.update(raw, mask)
+        self.ratio_metrics_filtered.update(filtered, mask)
         return raw, filtered, mask
 
     def _step_or_skip(self, opt, sched, loss: Tensor) -> float:

@@ -52,7 +52,8 @@ def test_run_py_few_steps_writes_tensorboard_and_final_model(char_tokenizer, tin
     assert code == 0
     assert (out / "config.yaml").exists()
     scalars, acc = _scalars(out / "tensorboard")
-    for tag in ["train/reward", "train/ratio_var_raw", "train/ratio_var_filtered", "train/switch_freq_raw",
+    for tag in ["train/reward", "train/ratio_var_raw", "train/ratio_var_filtered", "train/ratio_mean_raw",
+                "train/ratio_mean_filtered", "train/switch_freq_raw",
                 "train/switch_freq_filtered", "train/clip_frac", "train/reward_std", "train/zero_var_group_frac",
                 "train/response_length", "train/loss", "train/entropy", "train/grad_norm", "train/lr",
                 "train/tokens_per_second", "val/accuracy"]:

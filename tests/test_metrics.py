@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kpo_lightning.losses import compute_policy_loss
-from kpo_lightning.metrics import ClipFraction, RatioVariance, SwitchFrequency
+from kpo_lightning.metrics import RatioMean, RatioVariance, SwitchFrequency
 
 
 def shard(seed, B=5, T=11, scale=0.3):
@@ -83,15 +83,26 @@ def test_switch_frequency_accumulates_and_skips_holes():
     assert m.compute().item() == pytest.approx((1.0 + 0.0) / 2)
 
 
-def test_clip_fraction_is_token_weighted():
-    m = ClipFraction()
-    m.update(torch.tensor(0.5), torch.tensor(10.0))
-    m.update(0.0, 30)
-    assert m.compute().item() == pytest.approx(5 / 40)
+def direct_mean(shards):
+    values = [math.exp(float(z)) for lr, m in shards for z in lr[m]]
+    return sum(values) / len(values)
+
+
+def test_ratio_mean_accumulates_and_matches_the_loss_metric():
+    m = RatioMean()
+    for lr, mask in SHARDS:
+        m.update(lr, mask)
+    assert m.compute().item() == pytest.approx(direct_mean(SHARDS), rel=1e-6)
+    lr, mask = SHARDS[1]
+    logp = torch.randn(lr.shape)
+    _, metrics = compute_policy_loss("grpo", logp, logp - lr.nan_to_num(), torch.randn(lr.shape[0]), mask)
+    one = RatioMean()
+    one.update(lr, mask)
+    assert one.compute().item() == pytest.approx(metrics["ratio_mean_raw"].item(), rel=1e-6)
 
 
 def test_merge_state_equals_one_metric():
-    for cls, direct in ((RatioVariance, direct_variance), (SwitchFrequency, direct_switch)):
+    for cls, direct in ((RatioVariance, direct_variance), (RatioMean, direct_mean), (SwitchFrequency, direct_switch)):
         a, b = cls(), cls()
         for lr, mask in SHARDS[:1]:
             a.update(lr, mask)
@@ -104,13 +115,13 @@ def test_merge_state_equals_one_metric():
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        var, switch, clip = RatioVariance(), SwitchFrequency(), ClipFraction()
+        var, mean, switch = RatioVariance(), RatioMean(), SwitchFrequency()
         mine = SHARDS[:1] if rank == 0 else SHARDS[1:]  # uneven on purpose
         for lr, mask in mine:
             var.update(lr, mask)
+            mean.update(lr, mask)
             switch.update(lr, mask)
-            clip.update(0.25 * (rank + 1), mask.sum())
-        results = [var.compute(), switch.compute(), clip.compute()]  # compute() syncs across processes
+        results = [var.compute(), mean.compute(), switch.compute()]  # compute() syncs across processes
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -118,10 +129,8 @@ def _worker(rank, init_file, out_dir):
 
 def test_two_process_gloo_sync(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    n0 = float(SHARDS[0][1].sum())
-    n1 = float(sum(m.sum() for _, m in SHARDS[1:]))
     for rank in (0, 1):
-        var, switch, clip = torch.load(tmp_path / f"rank{rank}.pt")
+        var, mean, switch = torch.load(tmp_path / f"rank{rank}.pt")
         assert var.item() == pytest.approx(direct_variance(SHARDS), rel=1e-5)
+        assert mean.item() == pytest.approx(direct_mean(SHARDS), rel=1e-6)
         assert switch.item() == pytest.approx(direct_switch(SHARDS), rel=1e-6)
-        assert clip.item() == pytest.approx((0.25 * n0 + 0.5 * n1) / (n0 + n1), rel=1e-6)

@@ -22,6 +22,7 @@ from kpo_lightning.errors import UserInputError
 from kpo_lightning.logprobs import token_logprobs
 from kpo_lightning.prompt_tokens import encode_prompt
 from kpo_lightning.rollout import HFGenerateEngine, SamplingParams, make_rollout, sampling_seed
+from kpo_lightning.rollout_callback import RolloutInputs
 from kpo_lightning.tiny_models import build_tiny_random_model
 
 PROMPTS = ["1+2=", "12+34="]
@@ -152,11 +153,11 @@ def test_sampling_seed_is_a_function_of_seed_rank_and_step():
     assert all(0 <= s < 2**63 for s in others | {base})
 
 
-def fake_module(model, tok, rank: int, step: int, seed: int = 3):
-    """What RolloutCallback reads from a KPOModule, for rank `rank` at rollout step `step`."""
-    return SimpleNamespace(engine=HFGenerateEngine(), policy=model, tokenizer=tok, reward_fn=lambda **kw: 0.0,
-                           loss_cfg=LossConfig(), rollout_cfg=RolloutConfig(num_generations=4, max_new_tokens=8),
-                           seed=seed, global_rank=rank, rollout_step=step)
+def fake_inputs(model, tok, rank: int, step: int, seed: int = 3):
+    """What RolloutCallback reads from a KPOModule (`RolloutInputs`), for rank `rank` at rollout step `step`."""
+    return RolloutInputs(engine=HFGenerateEngine(), policy=model, tokenizer=tok, reward_fn=lambda **kw: 0.0,
+                         params=SamplingParams.for_training(RolloutConfig(num_generations=4, max_new_tokens=8)),
+                         advantage_estimator=LossConfig().advantage, seed=seed, global_rank=rank, rollout_step=step)
 
 
 def test_ranks_sample_different_rollouts_and_a_step_is_reproducible(char_tokenizer, tiny_model):
@@ -165,7 +166,7 @@ def test_ranks_sample_different_rollouts_and_a_step_is_reproducible(char_tokeniz
 
     def sample(rank, step, global_seed):
         torch.manual_seed(global_seed)  # whatever the global RNG holds, the step's draw is the same
-        r = callback._make(fake_module(tiny_model, char_tokenizer, rank, step), batch)
+        r = callback._make(fake_inputs(tiny_model, char_tokenizer, rank, step), batch)
         assert r.params.seed == sampling_seed(3, rank, step)
         return r.generation.input_ids
 
@@ -175,8 +176,27 @@ def test_ranks_sample_different_rollouts_and_a_step_is_reproducible(char_tokeniz
     assert not torch.equal(rank0, sample(0, 6, global_seed=1))  # the next step draws differently
 
     state = torch.get_rng_state()
-    callback._make(fake_module(tiny_model, char_tokenizer, 0, 0), batch)
+    callback._make(fake_inputs(tiny_model, char_tokenizer, 0, 0), batch)
     assert torch.equal(state, torch.get_rng_state())  # seeded sampling leaves the global RNG alone
+
+
+def test_the_callback_reads_the_module_only_through_rollout_inputs(char_tokenizer, tiny_model):
+    """RolloutCallback's whole view of the module is `rollout_inputs()`: an object with only that method works,
+    and KPOModule's answer is its own engine, policy, reward, training settings, estimator, seed, rank and step."""
+    inputs = fake_inputs(tiny_model, char_tokenizer, 1, 5)
+    batch = {"prompt": PROMPTS, "answer": ["3", "46"]}
+    RolloutCallback().on_train_batch_start(None, SimpleNamespace(rollout_inputs=lambda: inputs), batch, 0)
+    assert batch["rollout"].params.seed == sampling_seed(3, 1, 5)
+    assert batch["rollout"].generation.input_ids.shape[0] == 2 * 4
+
+    cfg = RolloutConfig(num_generations=3, temperature=0.7)
+    module = KPOModule(tiny_model, char_tokenizer, loss=LossConfig(advantage="rloo"), rollout=cfg, seed=9)
+    module.rollout_step = 4
+    got = module.rollout_inputs()
+    assert (got.engine, got.policy, got.tokenizer, got.reward_fn) == (module.engine, tiny_model, char_tokenizer,
+                                                                     module.reward_fn)
+    assert got.params == SamplingParams.for_training(cfg)
+    assert (got.advantage_estimator, got.seed, got.global_rank, got.rollout_step) == ("rloo", 9, 0, 4)
 
 
 # ------------------------------------------------------------------ special tokens (BOS) for plain prompts

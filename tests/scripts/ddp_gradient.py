@@ -1,10 +1,12 @@
 """Helper for tests/test_ddp.py and tests/test_fsdp.py: one KPO update on a fixed rollout, on 1 process or on N
 with Lightning DDP or the project's FSDP2 strategy (gloo).
 
-Rank r of N gets groups [r*k, (r+1)*k) of the same global rollout. Writes the gradient each process sees at the
-(last) optimizer step (after DDP's all-reduce; FSDP's reduce-scattered shards gathered whole) to
-OUT/grads-rank{r}.pt, and the whole weights after training to OUT/weights-rank{r}.pt.
-Usage: python ddp_gradient.py OUT WORLD LOSS AGG [key=value ...] (strategy=fsdp, precision=bf16-mixed, optim keys)
+Rank r of N gets groups [r*k, (r+1)*k) of the same global rollout (and its own rollout stats). Writes the gradient
+each process sees at the (last) optimizer step (after DDP's all-reduce; FSDP's reduce-scattered shards gathered
+whole) to OUT/grads-rank{r}.pt, the whole weights after training to OUT/weights-rank{r}.pt, and to
+OUT/run-rank{r}.json the logged values ("logs", combined over processes) and this process's own ("own_logs").
+Usage: python ddp_gradient.py OUT WORLD LOSS AGG [key=value ...] (strategy=fsdp, precision=bf16-mixed, clip_low,
+clip_high, optim keys)
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+import kpo_lightning.step_logs as step_logs
 from kpo_lightning import KPOModule, RolloutCallback
 from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
@@ -33,9 +36,15 @@ def global_rollout(vocab: int) -> Rollout:
     response_mask = torch.arange(R)[None, :] < lengths[:, None]
     attention = torch.cat([torch.ones(n, P, dtype=torch.long), response_mask.long()], dim=1)
     advantages = torch.randn(n, generator=gen)
+    rewards = torch.randint(0, 3, (n,), generator=gen).float() / 2
     generation = Generation(ids, attention, response_mask, P, [""] * n, torch.zeros(n, dtype=torch.bool))
-    return Rollout(generation, [""] * n, [""] * n, torch.zeros(n), advantages, {
-        "reward": 0.0, "time_generate_s": 0.0, "time_score_s": 0.0, "generated_tokens": float(response_mask.sum())})
+    return Rollout(generation, [""] * n, [""] * n, rewards, advantages, stats(rewards, response_mask))
+
+
+def stats(rewards: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
+    """The rollout stats of these rows (a subset of make_rollout's)."""
+    return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(), "time_generate_s": 0.0,
+            "time_score_s": 0.0, "generated_tokens": float(response_mask.sum())}
 
 
 def shard(r: Rollout, rank: int, world: int) -> Rollout:
@@ -43,7 +52,8 @@ def shard(r: Rollout, rank: int, world: int) -> Rollout:
     g = r.generation
     gen = Generation(g.input_ids[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_length,
                      g.completions[rows], g.truncated[rows])
-    return Rollout(gen, r.prompts[rows], r.answers[rows], r.rewards[rows], r.advantages[rows], dict(r.stats))
+    return Rollout(gen, r.prompts[rows], r.answers[rows], r.rewards[rows], r.advantages[rows],
+                   stats(r.rewards[rows], g.response_mask[rows]))
 
 
 def as_seen_by_two_processes(r: Rollout, num_minibatches: int) -> Rollout:
@@ -87,10 +97,23 @@ class SaveGrads(pl.Callback):
         names = {id(p): n for n, p in pl_module.policy.named_parameters()}
         groups = [sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups]
         (self.out / f"run-rank{rank}.json").write_text(json.dumps({
-            "logs": pl_module.last_logs, "skipped_steps": pl_module.skipped_steps, "groups": groups,
+            "logs": pl_module.last_logs, "own_logs": OWN_LOGS, "skipped_steps": pl_module.skipped_steps,
+            "groups": groups,
             "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
             "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
             "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups]}))
+
+
+OWN_LOGS: dict[str, float] = {}  # this process's own values of the last step (before combining over processes)
+_combine = step_logs.combine
+
+
+def _recording_combine(values, reduce, device="cpu"):
+    OWN_LOGS.update({f"train/{k}": v for k, v in _combine(values, None).items()})
+    return _combine(values, reduce, device)
+
+
+step_logs.combine = _recording_combine
 
 
 class NonFiniteLossOn(pl.Callback):
@@ -113,15 +136,16 @@ class NonFiniteLossOn(pl.Callback):
 
 def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-true",
          gradient_checkpointing: bool = False, strategy: str = "ddp", nan_loss_rank: int = -1, beta: float = 0.0,
-         **optim) -> None:
+         clip_low: float | None = None, clip_high: float | None = None, **optim) -> None:
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = build_tiny_random_model(tok, seed=0)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optim = {"lr": 1e-3, "num_minibatches": 1, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
-    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, agg=agg, beta=beta), optim=OptimConfig(**optim),
-                       rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
+    loss = LossConfig(type=loss_type, agg=agg, beta=beta, clip_low=clip_low, clip_high=clip_high)
+    module = KPOModule(model, tok, loss=loss, optim=OptimConfig(**optim), rollout=RolloutConfig(num_generations=G),
+                       reward_fn=lambda **kw: 0.0)
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
     rollout = global_rollout(len(tok))
     if world == 1:
