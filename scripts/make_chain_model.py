@@ -3,25 +3,26 @@
 The policy for the chained-addition task (`kpo_lightning.chain_arithmetic`): prompt `7+5+9=`, completion
 `7+5=12;12+9=21;\\boxed{21}` (5-16 one-digit operands, 34-140 response tokens). Like `tiny-arith`
 (scripts/make_tiny_model.py) it is meant as a starting point for RL, not a good model: supervised training on
-correct traces of the full length range, with the same character tokenizer (it has `;`, `+`, `=`, digits and
-`\\boxed{}`), then two tricks to leave RL room:
-- a "noisy teacher" for the last --noise_frac of the steps: each digit of a step's sum is taught as
-  (1 - noise) * correct + noise * uniform(digits) (soft targets), so sampling at temperature 1 makes slips that
-  the most likely continuation does not make; RL sharpening removes them quickly;
-- a short run overall (--steps), so the model is right on short chains more often than on long ones.
-The result is checked by sampled accuracy on the held-out validation split at temperature 1 (avg@k, as the
-library's evaluation computes it): the defaults land in the 10-50% band the preset needs.
+correct traces of the full length range (batches of 64, lr 3e-3 with warm-up and a cosine schedule planned for
+--steps 1200), with the same character tokenizer (it has `;`, `+`, `=`, digits and `\\boxed{}`), stopped early
+(--stop_at 400) so that RL has room. Learning is abrupt here: sampled validation accuracy (temperature 1, avg@4)
+was 0.03, 0.05, 0.10, 0.13, 0.52 at steps 100-500 of the default run, so the shipped model is the step-400 one:
+it writes the format reliably, gets short chains right more often than long ones (one slip anywhere in a long
+chain is fatal), and scores avg@4 = 0.18 on the preset's held-out validation (python run.py preset=chain
+mode=eval). An optional "noisy teacher" (--noise, after --clean_frac of the steps: each digit of a step's sum
+taught as (1 - noise) * correct + noise * uniform(digits)) is what tiny-arith uses; the shipped model does not
+need it.
 
-Deterministic given --seed (CPU, fixed thread count).
+Deterministic given --seed (CPU, fixed thread count; evaluation forks the RNG). About 10 minutes for 400 steps
+on a shared 2-core machine (1.4 s/step at one thread under load).
     python scripts/make_chain_model.py
-    python scripts/make_chain_model.py --out /tmp/x --steps 300 --noise 0.1
+    python scripts/make_chain_model.py --out /tmp/x --stop_at 300 --save_every 100
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
 import time
 from pathlib import Path
 
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from kpo_lightning.arithmetic import exact_match_reward
-from kpo_lightning.chain_arithmetic import (DEFAULT_MAX_OPERANDS, DEFAULT_MIN_OPERANDS, chain_problem,
-                                            chain_validation_problem)
+from kpo_lightning.chain_arithmetic import chain_problem, chain_validation_problem
 from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.tiny_models import tiny_llama_config
 
@@ -102,7 +102,7 @@ def sampled_accuracy(
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
         out = model.generate(**enc, **sampling, max_new_tokens=MAX_NEW_TOKENS, do_sample=temperature > 0)
         gen = out[:, enc["input_ids"].shape[1] :]
         for row, p in zip(gen, chunk):
@@ -120,7 +120,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ASSET_DIR)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1200, help="length of the planned learning-rate schedule")
+    ap.add_argument("--stop_at", type=int, default=400, help="stop (and save) after this many steps")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--noise", type=float, default=0.0, help="sum-digit probability of a uniform random digit")
@@ -137,8 +138,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_char_tokenizer()
-    arch = dict(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    arch = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
     config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **arch)
     model = LlamaForCausalLM(config)
@@ -156,7 +157,7 @@ def main() -> None:
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     val = [chain_validation_problem(args.seed, i) for i in range(48)]
     t0 = time.time()
-    for step in range(args.steps):
+    for step in range(min(args.stop_at, args.steps)):
         model.train()
         problems = [chain_problem(args.seed, step * args.batch_size + i) for i in range(args.batch_size)]
         ids, attn, labels, sum_mask = make_batch(tokenizer, problems)
@@ -168,7 +169,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0:
             with torch.random.fork_rng():
                 acc, lengths, by_n = sampled_accuracy(model, tokenizer, val, k=args.eval_k)
             print(f"step {step + 1:5d}  loss {loss.item():.4f}  noise {noise}  val avg@{args.eval_k} (T=1) {acc:.3f}  "
