@@ -195,3 +195,18 @@ def test_shipped_asset_loads_round_trips_and_generates():
     texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     # greedy traces have the task's shape: steps joined by ';' and a boxed answer at the end
     assert all(t.endswith("}") and "\\boxed{" in t and t.count(";") >= 3 for t in texts), texts
+
+
+def test_preset_trains_a_few_steps_with_long_responses(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code = main(["preset=chain", f"output_dir={out}", "trainer.max_steps=2", "data.prompts_per_step=4",
+                 "optim.num_minibatches=2", "data.val_size=4", "eval.every_n_steps=2", "eval.k=1",
+                 "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0"])
+    assert code == 0 and (out / "final" / "model.safetensors").exists()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    lengths = [e.value for e in acc.Scalars("train/response_length")]
+    assert len(lengths) == 2 and all(30 <= n <= 150 for n in lengths), lengths  # the task's long responses
+    assert len(acc.Scalars("val/accuracy")) == 2  # before training and at step 2
