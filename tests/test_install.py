@@ -63,9 +63,10 @@ def test_wheel_ships_configs_presets_and_tiny_model(installed):
 
     assert installed[3].name.startswith(f"kpo_lightning-{kpo_lightning.__version__}-")  # the version's one source
     names = set(zipfile.ZipFile(installed[3]).namelist())
-    for name in ("default.yaml", "paper.yaml", "smollm2.yaml"):
+    for name in ("default.yaml", "paper.yaml", "smollm2.yaml", "chain.yaml"):
         assert f"kpo_lightning/conf/{name}" in names
     assert "kpo_lightning/assets/tiny-arith/model.safetensors" in names
+    assert "kpo_lightning/assets/tiny-chain/model.safetensors" in names
     assert not any(n.startswith(("conf/", "tests/", "benchmarks/")) for n in names)
 
 
