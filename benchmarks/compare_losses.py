@@ -40,9 +40,15 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 def run(loss: str, seed: int, args) -> dict[str, list[tuple[int, float]]]:
     out = Path(args.out) / f"{loss}-seed{seed}"
     overrides = [
-        f"loss.type={loss}", f"seed={seed}", f"output_dir={out}", f"trainer.max_steps={args.steps}",
-        f"optim.num_minibatches={args.minibatches}", f"eval.every_n_steps={args.steps}",
-        "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0", "checkpoint.every_n_steps=0",
+        f"loss.type={loss}",
+        f"seed={seed}",
+        f"output_dir={out}",
+        f"trainer.max_steps={args.steps}",
+        f"optim.num_minibatches={args.minibatches}",
+        f"eval.every_n_steps={args.steps}",
+        "log.samples_every_n_steps=0",
+        "log.ratio_plot_every_n_steps=0",
+        "checkpoint.every_n_steps=0",
     ]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = run_main(overrides)
@@ -74,11 +80,15 @@ def main() -> None:
             results.setdefault(loss, []).append(run(loss, seed, args))
 
     tail = max(1, args.steps // 4)
-    header = ("| loss | val acc before | val acc after (mean +- sd over seeds; min-median-max) | "
-              "reward, last quarter | reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | "
-              "switch freq filtered |")
-    print(f"\n{len(args.seeds)} seeds, {args.steps} rollout steps, {args.minibatches} mini-batches per rollout; "
-          f"{len(args.losses) * len(args.seeds)} runs took {(time.perf_counter() - start) / 60:.1f} min")
+    header = (
+        "| loss | val acc before | val acc after (mean +- sd over seeds; min-median-max) | "
+        "reward, last quarter | reward var across seeds | ratio var raw | ratio var filtered | switch freq raw | "
+        "switch freq filtered |"
+    )
+    print(
+        f"\n{len(args.seeds)} seeds, {args.steps} rollout steps, {args.minibatches} mini-batches per rollout; "
+        f"{len(args.losses) * len(args.seeds)} runs took {(time.perf_counter() - start) / 60:.1f} min"
+    )
     print(machine_line() + "\n")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -86,21 +96,29 @@ def main() -> None:
         before = [r["val/accuracy"][0][1] for r in runs]
         after = [r["val/accuracy"][-1][1] for r in runs]
         last_reward = [mean([v for _, v in r["train/reward"][-tail:]]) for r in runs]
-        diag = {k: mean([mean([v for _, v in r[k]]) for r in runs if k in r])
-                for k in ("train/ratio_var_raw", "train/ratio_var_filtered", "train/switch_freq_raw",
-                          "train/switch_freq_filtered")}
+        diag = {
+            k: mean([mean([v for _, v in r[k]]) for r in runs if k in r])
+            for k in (
+                "train/ratio_var_raw",
+                "train/ratio_var_filtered",
+                "train/switch_freq_raw",
+                "train/switch_freq_filtered",
+            )
+        }
         sd = statistics.stdev(after) if len(after) > 1 else 0.0
         var = statistics.variance(last_reward) if len(last_reward) > 1 else 0.0
-        print(f"| {loss} | {mean(before):.3f} | {mean(after):.3f} +- {sd:.3f}; {spread(after, '.3f')} | "
-              f"{mean(last_reward):.3f} | {var:.5f} | "
-              f"{diag['train/ratio_var_raw']:.2e} | {diag['train/ratio_var_filtered']:.2e} | "
-              f"{diag['train/switch_freq_raw']:.3f} | {diag['train/switch_freq_filtered']:.3f} |")
+        print(
+            f"| {loss} | {mean(before):.3f} | {mean(after):.3f} +- {sd:.3f}; {spread(after, '.3f')} | "
+            f"{mean(last_reward):.3f} | {var:.5f} | "
+            f"{diag['train/ratio_var_raw']:.2e} | {diag['train/ratio_var_filtered']:.2e} | "
+            f"{diag['train/switch_freq_raw']:.3f} | {diag['train/switch_freq_filtered']:.3f} |"
+        )
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for loss, runs in results.items():
         steps = [s for s, _ in runs[0]["train/reward"]]
         curve = [mean([r["train/reward"][i][1] for r in runs]) for i in range(len(steps))]
-        smooth = [mean(curve[max(0, i - 4): i + 1]) for i in range(len(curve))]
+        smooth = [mean(curve[max(0, i - 4) : i + 1]) for i in range(len(curve))]
         ax.plot(steps, smooth, label=loss)
     ax.set_xlabel("rollout step")
     ax.set_ylabel(f"training reward (mean of {len(args.seeds)} seeds, 5-step average)")

@@ -69,8 +69,9 @@ from machine import machine_line, spread  # benchmarks/machine.py (benchmarks/ i
 
 ASSET = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 # The shipped tiny-arith architecture (scripts/make_tiny_model.py), used for the random stand-in.
-TINY_ARITH_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4)
+TINY_ARITH_ARCH = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+)
 OURS, TRL = "kpo-lightning", "TRL GRPOTrainer"
 # GRPOTrainer methods wrapped to split TRL's time (private: checked at run time, written against trl 1.16)
 TRL_INTERNALS = ("_generate", "_calculate_rewards", "_get_per_token_logps_and_entropies")
@@ -84,14 +85,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=12, help="L: max completion tokens")
     p.add_argument("--minibatches", type=int, default=4, help="M: optimizer steps per rollout")
-    p.add_argument("--reps", type=int, default=3,
-                   help="repetitions of the pair, alternating which one starts (3+ for a min-median-max spread)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="repetitions of the pair, alternating which one starts (3+ for a min-median-max spread)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads, for both frameworks")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a model folder (default: the tiny-arith asset, else random)")
-    p.add_argument("--trl-gradient-checkpointing", action="store_true",
-                   help="leave TRL's default gradient_checkpointing=True on (not like for like: ours is off)")
+    p.add_argument(
+        "--trl-gradient-checkpointing",
+        action="store_true",
+        help="leave TRL's default gradient_checkpointing=True on (not like for like: ours is off)",
+    )
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one framework (for profiling)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps and print the top functions")
     args = p.parse_args()
@@ -255,7 +263,8 @@ def run_ours(model, tokenizer, args, sync: LockStep, res: Result) -> None:
                 sync.close_turn(OURS, res, timed)
 
     module = KPOModule(
-        model, tokenizer,
+        model,
+        tokenizer,
         loss=LossConfig(type="grpo", beta=0.0),
         optim=OptimConfig(lr=args.lr, num_minibatches=args.minibatches, warmup_ratio=0.0),
         rollout=RolloutConfig(num_generations=args.group, max_new_tokens=args.max_new_tokens),
@@ -274,9 +283,17 @@ def run_ours(model, tokenizer, args, sync: LockStep, res: Result) -> None:
     module._old_logprobs = timed_old_logprobs
     data = PromptDataModule(data_config(args), tokenizer=tokenizer, seed=args.seed)
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=args.warmup + args.steps, limit_val_batches=0, accelerator="cpu",
-        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[Turns()],
+        max_epochs=1,
+        limit_train_batches=args.warmup + args.steps,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Turns()],
     )
     torch.manual_seed(args.seed)
     trainer.fit(module, datamodule=data)
@@ -301,30 +318,59 @@ def run_trl(model, tokenizer, args, sync: LockStep, res: Result, batches: list[d
         """TRL's batch signature around the per-sample reward our run uses."""
         return [math_reward_fn(prompt=p, completion=c, answer=a) for p, c, a in zip(prompts, completions, answer)]
 
-    dataset = Dataset.from_dict({
-        "prompt": [p for b in batches for p in b["prompt"]],
-        "answer": [a for b in batches for a in b["answer"]],
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [p for b in batches for p in b["prompt"]],
+            "answer": [a for b in batches for a in b["answer"]],
+        }
+    )
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=args.seed,
-            max_steps=(args.warmup + args.steps) * m, num_generations=args.group,
-            max_completion_length=args.max_new_tokens, per_device_train_batch_size=n_rows // m,
-            gradient_accumulation_steps=1, steps_per_generation=m, num_iterations=1, shuffle_dataset=False,
-            temperature=1.0, top_p=1.0, top_k=0,
-            loss_type="grpo", beta=0.0, epsilon=0.2, scale_rewards="group",
-            learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.1,
-            adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
+            output_dir=out,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            seed=args.seed,
+            max_steps=(args.warmup + args.steps) * m,
+            num_generations=args.group,
+            max_completion_length=args.max_new_tokens,
+            per_device_train_batch_size=n_rows // m,
+            gradient_accumulation_steps=1,
+            steps_per_generation=m,
+            num_iterations=1,
+            shuffle_dataset=False,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            loss_type="grpo",
+            beta=0.0,
+            epsilon=0.2,
+            scale_rewards="group",
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.1,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            max_grad_norm=1.0,
             gradient_checkpointing=args.trl_gradient_checkpointing,
-            use_vllm=False, report_to=[], logging_steps=10**6, save_strategy="no", eval_strategy="no",
-            disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+            use_vllm=False,
+            report_to=[],
+            logging_steps=10**6,
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            log_completions=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=[boxed_reward], args=config, train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=[boxed_reward], args=config, train_dataset=dataset, processing_class=tokenizer
+        )
         missing = [a for a in TRL_INTERNALS if not hasattr(trainer, a)]
         if missing:
-            raise SystemExit(f"this TRL has no GRPOTrainer.{', '.join(missing)}: the timing hooks were written for "
-                             f"trl 1.16 (pip install -e '.[bench]')")
+            raise SystemExit(
+                f"this TRL has no GRPOTrainer.{', '.join(missing)}: the timing hooks were written for "
+                f"trl 1.16 (pip install -e '.[bench]')"
+            )
 
         def timed() -> bool:  # inside a timed rollout step (global_step = optimizer steps done so far)
             return trainer.state.global_step >= warm
@@ -387,8 +433,7 @@ def quiet() -> None:
     import lightning.pytorch  # noqa: F401
     import transformers
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "accelerate",
-                 "datasets"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "accelerate", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
 
@@ -447,11 +492,15 @@ def main() -> None:
     batches = prompt_batches(tokenizer, args)
     n_rows = args.prompts * args.group
     print(machine_line())
-    print(f"model: {described}; trl {trl.__version__}, torch {torch.__version__}, {args.threads} torch thread(s), "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"per rollout step: P={args.prompts} prompts x G={args.group} = {n_rows} samples of <= "
-          f"{args.max_new_tokens} tokens, then M={args.minibatches} optimizer steps of {n_rows // args.minibatches} "
-          f"samples; {args.warmup} warm-up + {args.steps} timed rollout steps per run, {args.reps} rep(s)")
+    print(
+        f"model: {described}; trl {trl.__version__}, torch {torch.__version__}, {args.threads} torch thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"per rollout step: P={args.prompts} prompts x G={args.group} = {n_rows} samples of <= "
+        f"{args.max_new_tokens} tokens, then M={args.minibatches} optimizer steps of {n_rows // args.minibatches} "
+        f"samples; {args.warmup} warm-up + {args.steps} timed rollout steps per run, {args.reps} rep(s)"
+    )
 
     names = [OURS, TRL] if args.only is None else [{"ours": OURS, "trl": TRL}[args.only]]
     runs: dict[str, list[Result]] = {name: [] for name in names}
@@ -461,11 +510,14 @@ def main() -> None:
         for name in names:
             res = pair[name]
             runs[name].append(res)
-            print(f"  rep {rep + 1} {name:16s} {res.wall:6.2f} s, {res.tokens / res.wall:6.0f} tok/s (gen "
-                  f"{res.generate:.2f}, score {res.score:.2f}, old logp {res.old_logp:.2f}, update {res.update:.2f}; "
-                  f"setup+warm-up {res.setup:.2f} s; mean reward {statistics.fmean(res.reward):.3f})", flush=True)
+            print(
+                f"  rep {rep + 1} {name:16s} {res.wall:6.2f} s, {res.tokens / res.wall:6.0f} tok/s (gen "
+                f"{res.generate:.2f}, score {res.score:.2f}, old logp {res.old_logp:.2f}, update {res.update:.2f}; "
+                f"setup+warm-up {res.setup:.2f} s; mean reward {statistics.fmean(res.reward):.3f})",
+                flush=True,
+            )
 
-    expected = [b["prompt"] for b in batches[args.warmup:]]
+    expected = [b["prompt"] for b in batches[args.warmup :]]
     for name in names:
         if any(r.prompts != expected for r in runs[name]):
             raise SystemExit(f"{name} did not train on the expected prompts: the comparison is not like for like")
@@ -481,16 +533,24 @@ def main() -> None:
         parts = [sum(getattr(r, k) for r in results) for k in ("generate", "score", "old_logp", "update")]
         tps[name] = tokens / wall
         median = statistics.median(t for r in results for t in r.turns)
-        values = (f"{wall:.2f}", str(tokens), f"{tps[name]:.0f}", *(f"{v:.2f}" for v in parts),
-                  f"{1e3 * wall / (args.steps * len(results)):.0f}", f"{1e3 * median:.0f}")
+        values = (
+            f"{wall:.2f}",
+            str(tokens),
+            f"{tps[name]:.0f}",
+            *(f"{v:.2f}" for v in parts),
+            f"{1e3 * wall / (args.steps * len(results)):.0f}",
+            f"{1e3 * median:.0f}",
+        )
         print(f"{name:16s} " + " ".join(f"{v:>9s}" for v in values))
         labels = ("generation", "scoring", "old log-probs", "update (fwd/bwd, optimizer, overhead)")
         print(f"{'':16s}  " + ", ".join(f"{k} {v / wall:.0%}" for k, v in zip(labels, parts)))
     if len(names) == 2:
         ratio = tps[OURS] / tps[TRL]
         per_rep = [(o.tokens / o.wall) / (t.tokens / t.wall) for o, t in zip(runs[OURS], runs[TRL])]
-        print(f"\ntokens/s {OURS} / TRL: {ratio:.2f}x (per rep: {', '.join(f'{r:.2f}' for r in per_rep)}); "
-              f"{'faster than' if ratio >= 1 else 'SLOWER than'} TRL (target: 1.5x)")
+        print(
+            f"\ntokens/s {OURS} / TRL: {ratio:.2f}x (per rep: {', '.join(f'{r:.2f}' for r in per_rep)}); "
+            f"{'faster than' if ratio >= 1 else 'SLOWER than'} TRL (target: 1.5x)"
+        )
         for name in names:
             print(f"tokens/s {name} per rep, min-median-max: {spread([r.tokens / r.wall for r in runs[name]], '.0f')}")
         print(f"tokens/s {OURS} / TRL per rep, min-median-max: {spread(per_rep)}")

@@ -36,8 +36,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="outputs/default_job")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default: torch's); 1 on a busy machine, where 2 threads stall each other")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's); 1 on a busy machine, where 2 threads stall each other",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args()
     if args.threads:
@@ -54,18 +58,24 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"seed {seed} failed with exit code {code}: run python run.py seed={seed} to see why")
         s = scalars(out / "tensorboard")
-        train_s = sum(v for tag in ("train/time_generate_s", "train/time_score_s", "train/time_update_s")
-                      for _, v in s[tag])
+        train_s = sum(
+            v for tag in ("train/time_generate_s", "train/time_score_s", "train/time_update_s") for _, v in s[tag]
+        )
         val = s["val/accuracy"]
         rows.append((seed, val[0][1], val[-1][1], val[-1][0], train_s, wall))
-        print(f"seed {seed}: val accuracy {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]}); "
-              f"training {train_s:.1f} s, whole run {wall:.1f} s", flush=True)
+        print(
+            f"seed {seed}: val accuracy {val[0][1]:.3f} (step {val[0][0]}) -> {val[-1][1]:.3f} (step {val[-1][0]}); "
+            f"training {train_s:.1f} s, whole run {wall:.1f} s",
+            flush=True,
+        )
 
     print(machine_line())
     print(f"over seeds {' '.join(str(r[0]) for r in rows)}, min-median-max:")
     print(f"  val accuracy before {spread([r[1] for r in rows], '.3f')}, after {spread([r[2] for r in rows], '.3f')}")
-    print(f"  training seconds {spread([r[4] for r in rows], '.1f')}, "
-          f"whole run seconds {spread([r[5] for r in rows], '.1f')}")
+    print(
+        f"  training seconds {spread([r[4] for r in rows], '.1f')}, "
+        f"whole run seconds {spread([r[5] for r in rows], '.1f')}"
+    )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="whole measurements per thread count (>= 3)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[0],
-                        help="torch thread counts to measure in turn, e.g. --threads 1 2 (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="torch thread counts to measure in turn, e.g. --threads 1 2 (default: torch's)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer calls and a shorter token loop")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -127,8 +132,10 @@ def main() -> None:
             med, loop_name = measure(B, T, rounds, calls, args.quick)
             reps.append(med)
         print(machine_line())
-        print(f"B={B} T={T} float32; {args.repeats} repetitions of the whole measurement ({rounds} rounds x "
-              f"{calls} calls of each row, median per call); min-median-max over the repetitions")
+        print(
+            f"B={B} T={T} float32; {args.repeats} repetitions of the whole measurement ({rounds} rounds x "
+            f"{calls} calls of each row, median per call); min-median-max over the repetitions"
+        )
         print(f"{'':42s} {'median ms':>22s} {'x cumsum':>18s} {'x cumsum, CPU time':>20s}")
         for name in (PAD, HOLES, CUMSUM, LOOP):
             fmt = ".1f" if name == LOOP else ".2f"
@@ -136,8 +143,11 @@ def main() -> None:
             ratio = spread([r[name][0] / r[CUMSUM][0] for r in reps], fmt)
             cpu_ratio = spread([r[name][1] / r[CUMSUM][1] for r in reps], fmt)
             print(f"{loop_name if name == LOOP else name:42s} {ms:>22s} {ratio:>18s} {cpu_ratio:>20s}")
-        print(f"token loop / filter: {spread([r[LOOP][0] / r[PAD][0] for r in reps], '.0f')}x (right padding), "
-              f"{spread([r[LOOP][0] / r[HOLES][0] for r in reps], '.0f')}x (holes)\n", flush=True)
+        print(
+            f"token loop / filter: {spread([r[LOOP][0] / r[PAD][0] for r in reps], '.0f')}x (right padding), "
+            f"{spread([r[LOOP][0] / r[HOLES][0] for r in reps], '.0f')}x (holes)\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ def _reset_peak() -> bool:
         return False
 
 
-
 def _measure_peak(run: Callable[[], None], cuda: bool) -> dict:
     """Run `run` once and report the resident-memory high-water mark above the level before it (and CUDA's peak
     above what was allocated, on a GPU) and its seconds."""
@@ -86,6 +85,7 @@ def _measure_peak(run: Callable[[], None], cuda: bool) -> dict:
     if cuda:
         res["peak_cuda"] = torch.cuda.max_memory_allocated() - base_cuda
     return res
+
 
 def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, temperature: float, device: str) -> dict:
     """Run one variant in this (fresh) process and return its peak extra memory."""
@@ -113,10 +113,10 @@ def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, tempera
         rows = max(1, (1 << 23) // vocab)
         outs = []
         for s in range(0, n, rows):
-            x = logits[s:s + rows].float()
+            x = logits[s : s + rows].float()
             if temperature != 1.0:
                 x = x / temperature
-            outs.append(x.gather(1, tokens[s:s + rows, None]).squeeze(1) - torch.logsumexp(x, -1))
+            outs.append(x.gather(1, tokens[s : s + rows, None]).squeeze(1) - torch.logsumexp(x, -1))
         return torch.cat(outs)
 
     def ours():
@@ -126,6 +126,7 @@ def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, tempera
         return torch.ones(n, vocab, dtype=torch.float32, device=device).sum(-1)
 
     fn = {"naive": naive, "plain": plain_chunked, "chunked": ours, "control": control}[variant]
+
     def run() -> None:
         with torch.set_grad_enabled(grad):
             out = fn()
@@ -147,9 +148,17 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    cfg = Qwen3Config(vocab_size=a.path_vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=a.hidden // 4,
-                      max_position_embeddings=a.prompt + a.response, tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=a.path_vocab,
+        hidden_size=a.hidden,
+        intermediate_size=2 * a.hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=a.hidden // 4,
+        max_position_embeddings=a.prompt + a.response,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg).to(dtype).to(a.device).eval()
     gen = torch.Generator().manual_seed(0)
@@ -167,16 +176,19 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
             self.inner = inner
 
         def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=use_cache)
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            )
 
     def old(rows):  # the route before: R + 1 positions, slice, flatten (copies), padded gradient in backward
         i, m = ids[rows], mask[rows]
         pos = (m.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=i, attention_mask=m, position_ids=pos, use_cache=False,
-                       logits_to_keep=a.response + 1).logits[:, :-1]
-        return token_logprobs(logits.reshape(-1, logits.shape[-1]), i[:, a.prompt:].reshape(-1),
-                              a.temperature).view(len(i), -1)
+        logits = model(
+            input_ids=i, attention_mask=m, position_ids=pos, use_cache=False, logits_to_keep=a.response + 1
+        ).logits[:, :-1]
+        return token_logprobs(logits.reshape(-1, logits.shape[-1]), i[:, a.prompt :].reshape(-1), a.temperature).view(
+            len(i), -1
+        )
 
     def full(rows):
         return sequence_logprobs(NoLogitsToKeep(model), ids[rows], mask[rows], a.prompt, a.temperature)[0]
@@ -186,7 +198,7 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
         pos = (m.long().cumsum(-1) - 1).clamp(min=0)
         keep = torch.arange(a.prompt - 1, total - 1, device=i.device)
         logits = model(input_ids=i, attention_mask=m, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
-        return token_logprobs(logits, i[:, a.prompt:], a.temperature)
+        return token_logprobs(logits, i[:, a.prompt :], a.temperature)
 
     def new(rows):
         return sequence_logprobs(model, ids[rows], mask[rows], a.prompt, a.temperature)[0]
@@ -203,8 +215,7 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
     step(slice(0, 1))  # warm-up on one sequence: library initialisation is not part of the peak
     model.zero_grad(set_to_none=True)
     res = _measure_peak(lambda: step(slice(None)), cuda=a.device == "cuda")
-    res["param_grads"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
-                             if p.grad is not None)
+    res["param_grads"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return res
 
 
@@ -230,8 +241,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128, help="path section: hidden size of the tiny Qwen3")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
     ap.add_argument("--modes", default="fwd+bwd,fwd", help="comma-separated subset of fwd+bwd,fwd")
-    ap.add_argument("--variants", default=",".join(PATH_VARIANTS),
-                    help="path section: comma-separated subset of " + ",".join(PATH_VARIANTS))
+    ap.add_argument(
+        "--variants",
+        default=",".join(PATH_VARIANTS),
+        help="path section: comma-separated subset of " + ",".join(PATH_VARIANTS),
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--default-malloc", action="store_true", help="do not pin glibc's mmap threshold")
@@ -241,8 +255,11 @@ def main() -> None:
     dtypes = [d for d in args.dtypes.split(",") if d]
     modes = [m for m in args.modes.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
-    for name, got, allowed in (("dtypes", dtypes, ("bf16", "fp32")), ("modes", modes, ("fwd+bwd", "fwd")),
-                               ("variants", variants, PATH_VARIANTS)):
+    for name, got, allowed in (
+        ("dtypes", dtypes, ("bf16", "fp32")),
+        ("modes", modes, ("fwd+bwd", "fwd")),
+        ("variants", variants, PATH_VARIANTS),
+    ):
         if not got or any(x not in allowed for x in got):
             ap.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}, got {getattr(args, name)!r}")
     if args.device is None:
@@ -258,8 +275,7 @@ def main() -> None:
 
     def run(variant: str, dtype: str, mode: str, flag: str = "--child") -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), flag, variant, dtype, mode]
-        for key in ("tokens", "vocab", "batch", "prompt", "response", "path_vocab", "hidden", "temperature",
-                    "device"):
+        for key in ("tokens", "vocab", "batch", "prompt", "response", "path_vocab", "hidden", "temperature", "device"):
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
         env = dict(os.environ)
         if not args.default_malloc:
@@ -280,56 +296,78 @@ def main() -> None:
     from machine import machine_line  # benchmarks/ is sys.path[0] when this script runs
 
     print(machine_line())
-    print(f"device={args.device}; each figure: median (min-max) over {args.repeats} fresh processes; "
-          f"peak = extra memory above the baseline at the high-water mark")
+    print(
+        f"device={args.device}; each figure: median (min-max) over {args.repeats} fresh processes; "
+        f"peak = extra memory above the baseline at the high-water mark"
+    )
     if args.section in ("all", "logits"):
         f32_mib = args.tokens * args.vocab * 4 / MiB
-        print(f"\n== logits: tokens={args.tokens} vocab={args.vocab} T={args.temperature}; "
-              f"one float32 (tokens x vocab) tensor = {f32_mib:.0f} MiB")
+        print(
+            f"\n== logits: tokens={args.tokens} vocab={args.vocab} T={args.temperature}; "
+            f"one float32 (tokens x vocab) tensor = {f32_mib:.0f} MiB"
+        )
         ctrl = run("control", "fp32", "fwd")
         print(f"control (allocates exactly {f32_mib:.0f} MiB): measured {mib(ctrl)} MiB via {ctrl[0]['method']}")
-        print("| logits | mode | naive MiB | plain-chunk MiB | ours MiB | naive / ours | naive s | ours s |"
-              + (" naive cuda MiB | ours cuda MiB |" if cuda else ""))
+        print(
+            "| logits | mode | naive MiB | plain-chunk MiB | ours MiB | naive / ours | naive s | ours s |"
+            + (" naive cuda MiB | ours cuda MiB |" if cuda else "")
+        )
         print("|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
         for dtype in dtypes:
             for mode in modes:
                 a, p, b = run("naive", dtype, mode), run("plain", dtype, mode), run("chunked", dtype, mode)
                 ratio = _spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(a, b)], "{:.1f}")
-                line = (f"| {dtype} | {mode} | {mib(a)} | {mib(p)} | {mib(b)} | {ratio}x | {secs(a)} | {secs(b)} |")
+                line = f"| {dtype} | {mode} | {mib(a)} | {mib(p)} | {mib(b)} | {ratio}x | {secs(a)} | {secs(b)} |"
                 if cuda:
                     line += f" {mib(a, 'peak_cuda')} | {mib(b, 'peak_cuda')} |"
                 print(line, flush=True)
-        print("peak = extra memory above the allocated logits; fwd+bwd includes logits.grad (logits' dtype), "
-              "which every variant produces. plain-chunk = per-chunk logsumexp without a custom backward; "
-              "ours = kpo_lightning.logprobs.token_logprobs.")
+        print(
+            "peak = extra memory above the allocated logits; fwd+bwd includes logits.grad (logits' dtype), "
+            "which every variant produces. plain-chunk = per-chunk logsumexp without a custom backward; "
+            "ours = kpo_lightning.logprobs.token_logprobs."
+        )
     if args.section in ("all", "path"):
         total = args.prompt + args.response
-        print(f"\n== path: tiny Qwen3 (hidden {args.hidden}, 2 layers), vocab {args.path_vocab}, "
-              f"B={args.batch} x (P={args.prompt} + R={args.response}) tokens, T={args.temperature}")
+        print(
+            f"\n== path: tiny Qwen3 (hidden {args.hidden}, 2 layers), vocab {args.path_vocab}, "
+            f"B={args.batch} x (P={args.prompt} + R={args.response}) tokens, T={args.temperature}"
+        )
         cols = " | ".join(f"{v} MiB" for v in PATH_VARIANTS)
-        print(f"| dtype | mode | (B, R, V) MiB | {cols} | old / new | param grads MiB | "
-              + " | ".join(f"{v} s" for v in PATH_VARIANTS) + " |" + (" old cuda MiB | new cuda MiB |" if cuda else ""))
+        print(
+            f"| dtype | mode | (B, R, V) MiB | {cols} | old / new | param grads MiB | "
+            + " | ".join(f"{v} s" for v in PATH_VARIANTS)
+            + " |"
+            + (" old cuda MiB | new cuda MiB |" if cuda else "")
+        )
         print("|---|---|---|" + "---|" * (2 * len(PATH_VARIANTS) + 2) + ("---|---|" if cuda else ""))
         for dtype in dtypes:
             unit = args.batch * args.response * args.path_vocab * (2 if dtype == "bf16" else 4) / MiB
             for mode in modes:
                 res = {v: run(v, dtype, mode, "--path-child") for v in variants}
                 o, n = res.get("old"), res.get("new")
-                ratio = (_spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(o, n)], "{:.1f}") + "x"
-                         if o and n else "-")
+                ratio = (
+                    _spread([x["peak_rss"] / max(y["peak_rss"], 1) for x, y in zip(o, n)], "{:.1f}") + "x"
+                    if o and n
+                    else "-"
+                )
                 grads = next(iter(res.values()))[0]["param_grads"] / MiB
-                line = (f"| {dtype} | {mode} | {unit:.0f} | "
-                        + " | ".join(mib(res[v]) if v in res else "-" for v in PATH_VARIANTS)
-                        + f" | {ratio} | {grads:.0f} | "
-                        + " | ".join(secs(res[v]) if v in res else "-" for v in PATH_VARIANTS) + " |")
+                line = (
+                    f"| {dtype} | {mode} | {unit:.0f} | "
+                    + " | ".join(mib(res[v]) if v in res else "-" for v in PATH_VARIANTS)
+                    + f" | {ratio} | {grads:.0f} | "
+                    + " | ".join(secs(res[v]) if v in res else "-" for v in PATH_VARIANTS)
+                    + " |"
+                )
                 if cuda:
-                    line += (f" {mib(o, 'peak_cuda') if o else '-'} | {mib(n, 'peak_cuda') if n else '-'} |")
+                    line += f" {mib(o, 'peak_cuda') if o else '-'} | {mib(n, 'peak_cuda') if n else '-'} |"
                 print(line, flush=True)
-        print(f"peak = extra memory above the model and inputs, from input ids to parameter gradients (included, "
-              f"column 'param grads'); (B, R, V) = one logits tensor of the response; T = P + R = {total}. "
-              "old = logits_to_keep=R+1, logits[:, :-1] flattened (copy) + zero-padded gradient; full = model "
-              "without logits_to_keep, window scored in place; new-copy = logits_to_keep = the R scoring positions, "
-              "gradient in a new tensor; new = kpo_lightning.sequence_logprobs (that, gradient over the logits).")
+        print(
+            f"peak = extra memory above the model and inputs, from input ids to parameter gradients (included, "
+            f"column 'param grads'); (B, R, V) = one logits tensor of the response; T = P + R = {total}. "
+            "old = logits_to_keep=R+1, logits[:, :-1] flattened (copy) + zero-padded gradient; full = model "
+            "without logits_to_keep, window scored in place; new-copy = logits_to_keep = the R scoring positions, "
+            "gradient in a new tensor; new = kpo_lightning.sequence_logprobs (that, gradient over the logits)."
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The machine line and the spread that every benchmark prints, so a figure can be compared with a rerun.
 
-    from machine import machine_line, spread   # benchmarks/ is sys.path[0] when a script there runs
+from machine import machine_line, spread   # benchmarks/ is sys.path[0] when a script there runs
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def cpu_model() -> str:
     flags = set(first.get("flags", "").split())
     ext = [name for name, flag in (("avx2", "avx2"), ("avx512", "avx512f"), ("amx", "amx_tile")) if flag in flags]
     vm = ", virtual machine" if "hypervisor" in flags else ""
-    return (f"{first.get('model name', platform.processor())} (family {first.get('cpu family', '?')} model "
-            f"{first.get('model', '?')}, {' '.join(ext) or 'no avx2'}{vm})")
+    return (
+        f"{first.get('model name', platform.processor())} (family {first.get('cpu family', '?')} model "
+        f"{first.get('model', '?')}, {' '.join(ext) or 'no avx2'}{vm})"
+    )
 
 
 def machine_line() -> str:
@@ -38,8 +40,10 @@ def machine_line() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     gpu = f", GPU {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else ""
-    return (f"machine: {cpu_model()}, {os.cpu_count()} CPUs ({usable} usable){gpu}, torch {torch.__version__} at "
-            f"{torch.get_num_threads()} threads, python {platform.python_version()}, load average {load}")
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs ({usable} usable){gpu}, torch {torch.__version__} at "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}, load average {load}"
+    )
 
 
 def spread(values: Sequence[float], fmt: str = ".2f") -> str:

@@ -8,11 +8,22 @@ import importlib
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 _EXPORTS = {
-    "Config": "config", "DataConfig": "config", "EvalConfig": "config", "LossConfig": "config",
-    "OptimConfig": "config", "RewardConfig": "config", "RolloutConfig": "config", "ModelConfig": "config",
-    "KPOModule": "module", "PromptDataModule": "datamodule", "RolloutCallback": "rollout_callback",
-    "RolloutCheckpoint": "checkpointing", "causal_kalman_filter": "kalman", "compute_policy_loss": "losses",
-    "group_advantages": "advantages", "load_model_and_tokenizer": "models",
+    "Config": "config",
+    "DataConfig": "config",
+    "EvalConfig": "config",
+    "LossConfig": "config",
+    "OptimConfig": "config",
+    "RewardConfig": "config",
+    "RolloutConfig": "config",
+    "ModelConfig": "config",
+    "KPOModule": "module",
+    "PromptDataModule": "datamodule",
+    "RolloutCallback": "rollout_callback",
+    "RolloutCheckpoint": "checkpointing",
+    "causal_kalman_filter": "kalman",
+    "compute_policy_loss": "losses",
+    "group_advantages": "advantages",
+    "load_model_and_tokenizer": "models",
 }
 __all__ = sorted(_EXPORTS)
 

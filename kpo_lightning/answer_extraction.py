@@ -34,7 +34,7 @@ def extract_boxed(text: str) -> str | None:
         elif tok == "}":
             depth -= 1
             if depth == 0:
-                return text[start:m.start()]
+                return text[start : m.start()]
     return None
 
 
@@ -46,7 +46,7 @@ def answer_part(completion: str, prompt: str = "") -> str | None:
     """
     end = completion.rfind(THINK_CLOSE)
     if end >= 0:
-        return completion[end + len(THINK_CLOSE):]
+        return completion[end + len(THINK_CLOSE) :]
     opened = prompt.rfind(THINK_OPEN)
     if THINK_OPEN in completion or (opened >= 0 and prompt.find(THINK_CLOSE, opened) < 0):
         return None

@@ -38,9 +38,7 @@ def format_completion(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
-def arithmetic_problem(
-    seed: int, index: int, max_operand: int = 99, split: str = "train", ops: str = "+"
-) -> dict:
+def arithmetic_problem(seed: int, index: int, max_operand: int = 99, split: str = "train", ops: str = "+") -> dict:
     """Problem `index` of the stream `seed`: {"prompt": "a+b=", "answer": str(a+b)}.
 
     Operands are uniform in [0, max_operand]. `ops` is the set of operators to draw from ("+" or "+-";

@@ -66,8 +66,9 @@ def curriculum_cap(index: int, min_operands: int, max_operands: int, curriculum_
 def check_chain_settings(min_operands: int, max_operands: int, curriculum_prompts: int) -> None:
     """ValueError for settings the generator cannot honour (config_checks gives the user-facing message)."""
     if not 2 <= min_operands <= max_operands <= MAX_OPERANDS_LIMIT:
-        raise ValueError(f"need 2 <= min_operands <= max_operands <= {MAX_OPERANDS_LIMIT}, "
-                         f"got {min_operands}, {max_operands}")
+        raise ValueError(
+            f"need 2 <= min_operands <= max_operands <= {MAX_OPERANDS_LIMIT}, got {min_operands}, {max_operands}"
+        )
     if curriculum_prompts < 0:
         raise ValueError(f"curriculum_prompts must be >= 0, got {curriculum_prompts}")
 

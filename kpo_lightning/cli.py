@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="a YAML file of config keys, merged over the defaults and preset")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--version", action="store_true",
-                   help="print the versions of kpo-lightning, torch, lightning, transformers and python, and exit")
+    p.add_argument(
+        "--version",
+        action="store_true",
+        help="print the versions of kpo-lightning, torch, lightning, transformers and python, and exit",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.type=kpo preset=smollm2")
     return p
 

@@ -110,8 +110,11 @@ def check_config(cfg: Config) -> None:
             f"(e.g. optim.num_minibatches={_largest_divisor(cfg.data.prompts_per_step, cfg.optim.num_minibatches)})"
         )
     if cfg.resume is not None and cfg.resume not in RESUME_AUTO and not Path(cfg.resume).exists():
-        _fail("resume", cfg.resume,
-              "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null")
+        _fail(
+            "resume",
+            cfg.resume,
+            "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null",
+        )
 
 
 def _check_chain(cfg: Config) -> None:
@@ -119,20 +122,26 @@ def _check_chain(cfg: Config) -> None:
 
     low, high = cfg.data.chain_min_operands, cfg.data.chain_max_operands
     if not low <= high <= MAX_OPERANDS_LIMIT:
-        _fail("data.chain_max_operands", high,
-              f"it must lie in [data.chain_min_operands={low}, {MAX_OPERANDS_LIMIT}]")
+        _fail("data.chain_max_operands", high, f"it must lie in [data.chain_min_operands={low}, {MAX_OPERANDS_LIMIT}]")
 
 
 def _check_strategy_and_precision(cfg: Config) -> None:
     strategy, precision = cfg.trainer.strategy, cfg.trainer.precision
     if str(strategy).startswith("deepspeed"):
-        _fail("trainer.strategy", strategy, "DeepSpeed is not supported; use trainer.strategy=fsdp to shard the "
-              "model (or ddp)")
+        _fail(
+            "trainer.strategy",
+            strategy,
+            "DeepSpeed is not supported; use trainer.strategy=fsdp to shard the model (or ddp)",
+        )
     if strategy not in STRATEGIES:
         _fail("trainer.strategy", strategy, f"use one of {', '.join(STRATEGIES)} (fsdp shards the model with FSDP2)")
     if precision in ("16-mixed", "16", "16-true"):
-        _fail("trainer.precision", precision, "float16 needs a gradient scaler the manual optimizer step does not "
-              "run; use bf16-mixed (float32 master weights, bfloat16 compute)")
+        _fail(
+            "trainer.precision",
+            precision,
+            "float16 needs a gradient scaler the manual optimizer step does not "
+            "run; use bf16-mixed (float32 master weights, bfloat16 compute)",
+        )
     if precision not in PRECISIONS:
         _fail("trainer.precision", precision, f"use one of {', '.join(PRECISIONS)}")
 

@@ -97,8 +97,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
 
 def _presets_in(folder: Path | Traversable) -> dict[str, Path | Traversable]:
     """NAME -> file for every NAME.yaml in `folder` except default.yaml (the base, not a preset)."""
-    return {f.name[: -len(".yaml")]: f for f in folder.iterdir()
-            if f.name.endswith(".yaml") and f.name != "default.yaml" and f.is_file()}
+    return {
+        f.name[: -len(".yaml")]: f
+        for f in folder.iterdir()
+        if f.name.endswith(".yaml") and f.name != "default.yaml" and f.is_file()
+    }
 
 
 def _preset_folder(preset_dir: str | None) -> Path | None:
@@ -116,8 +119,9 @@ def available_presets(conf_dir: Path | Traversable = CONF_DIR, preset_dir: str |
     return sorted({**_presets_in(conf_dir), **(_presets_in(user) if user else {})})
 
 
-def load_config(overrides: list[str], config_file: str | None = None,
-                conf_dir: Path | Traversable = CONF_DIR) -> Config:
+def load_config(
+    overrides: list[str], config_file: str | None = None, conf_dir: Path | Traversable = CONF_DIR
+) -> Config:
     """Merge the layers over the typed schema and return a `Config` object (typed, validated types)."""
     cli = _parse_overrides(overrides)
     file_layer = _read_yaml(Path(config_file), "config file") if config_file else {}
@@ -125,20 +129,25 @@ def load_config(overrides: list[str], config_file: str | None = None,
     preset_dir = cli.get("preset_dir", file_layer.get("preset_dir"))
     layers: list[dict] = [_read_yaml(conf_dir / "default.yaml", "config file")]
     if preset_dir is not None and not preset:
-        raise UserInputError(f"preset_dir={preset_dir!r} is set but preset is not: add preset=NAME "
-                             f"(NAME.yaml in that folder)")
+        raise UserInputError(
+            f"preset_dir={preset_dir!r} is set but preset is not: add preset=NAME (NAME.yaml in that folder)"
+        )
     if preset:
         user = _preset_folder(preset_dir)
         found = {**_presets_in(conf_dir), **(_presets_in(user) if user else {})}  # the user's folder wins
         if str(preset) not in found:
             where = f" in preset_dir={str(preset_dir)!r} or built in" if user else ""
-            raise UserInputError(f"preset={preset!r} is not a preset{where}; use one of {', '.join(sorted(found))}"
-                                 + ("" if user else ", or name your own folder of NAME.yaml files with preset_dir="))
+            raise UserInputError(
+                f"preset={preset!r} is not a preset{where}; use one of {', '.join(sorted(found))}"
+                + ("" if user else ", or name your own folder of NAME.yaml files with preset_dir=")
+            )
         preset_file = found[str(preset)]
         layers.append(_read_yaml(preset_file, "preset file"))
         if "preset_dir" in layers[-1] or "preset" in layers[-1]:
-            raise UserInputError(f"preset file {str(preset_file)!r} sets preset/preset_dir: a preset cannot name "
-                                 "another preset; remove that key")
+            raise UserInputError(
+                f"preset file {str(preset_file)!r} sets preset/preset_dir: a preset cannot name "
+                "another preset; remove that key"
+            )
     layers += [file_layer, cli]
 
     merged: DictConfig = OmegaConf.structured(Config)
@@ -148,9 +157,7 @@ def load_config(overrides: list[str], config_file: str | None = None,
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             value = _lookup(layer, key)
-            raise UserInputError(
-                f"config key {key}={value!r} has the wrong type: {_type_hint(key)}"
-            ) from e
+            raise UserInputError(f"config key {key}={value!r} has the wrong type: {_type_hint(key)}") from e
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

@@ -67,7 +67,8 @@ STATE_FORMAT = 1
 
 
 def _classify(source: str, key: str) -> str:
-    """'arithmetic', 'chain', 'file', 'dir' (a local dataset folder) or 'hub'; raises for a missing or unsupported file."""
+    """'arithmetic', 'chain', 'file', 'dir' (a local dataset folder) or 'hub'; raises for a missing or unsupported
+    file."""
     if source in ("arithmetic", "chain"):
         return source
     path = Path(source).expanduser()
@@ -305,8 +306,9 @@ class PromptDataModule(pl.LightningDataModule):
             )
         messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         messages.append({"role": "user", "content": body})
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                       **dict(cfg.chat_template_kwargs or {}))
+        return tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **dict(cfg.chat_template_kwargs or {})
+        )
 
     def num_prompt_tokens(self, prompt: str) -> int | None:
         """Token count of a formatted prompt, or None without a tokenizer: the tokens the sampler feeds the model

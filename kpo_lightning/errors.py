@@ -5,8 +5,8 @@ others are run failures `run.py` reports in one line too (exit 1); everything el
 traceback.
 """
 
-
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 class UserInputError(ValueError):

@@ -39,8 +39,11 @@ def run_eval(cfg: Config, reward_fn: Callable[..., float]) -> int:
         summary = summarize(torch.cat(rewards), cfg.eval.k)
         results[source] = summary
         k = cfg.eval.k
-        print(f"{source}: avg@{k}={summary['accuracy']:.4f} pass@{k}={summary[f'pass@{k}']:.4f} "
-              f"({int(summary['num_prompts'])} prompts)", flush=True)
+        print(
+            f"{source}: avg@{k}={summary['accuracy']:.4f} pass@{k}={summary[f'pass@{k}']:.4f} "
+            f"({int(summary['num_prompts'])} prompts)",
+            flush=True,
+        )
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

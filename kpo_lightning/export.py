@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 
-def save_hf_folder(policy: torch.nn.Module, tokenizer, path: str | Path,
-                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_hf_folder(
+    policy: torch.nn.Module, tokenizer, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """`save_pretrained` of the policy (LoRA adapters merged into a copy) and tokenizer, loadable by
     `AutoModelForCausalLM.from_pretrained`.
 
@@ -29,7 +30,7 @@ def load_policy_weights(policy: torch.nn.Module, checkpoint_path: str | Path) ->
     """Load a KPOModule checkpoint's policy weights (keys under `policy.`) into `policy`."""
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
     prefix = "policy."
-    policy.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    policy.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return policy
 
 

@@ -74,7 +74,9 @@ _DENSE = 128  # the coarsest level is one dense block of at most this many block
 _scratch_store = threading.local()
 
 
-def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> Tensor:
+def _scratch(
+    slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> Tensor:
     """A temporary of the given shape, reused across calls on CPU; zero-filled when first made if zeroed.
 
     Fresh multi-megabyte CPU allocations are often returned to the OS on free and page-fault back in
@@ -164,7 +166,9 @@ def _block_operators(log_a: Tensor, b: Tensor, inclusive: bool) -> tuple[Tensor,
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_plan(qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
+def _scan_plan(
+    qv: float, p0v: float, width: int, C: int, dtype: torch.dtype, device: torch.device
+) -> tuple[tuple[Tensor, Tensor], ...]:
     """Operators of the hierarchical scan over ranks 0..width-1, cast to (dtype, device).
 
     Level 0 cuts the ranks into blocks of C and gives the filtered values (inclusive). Each further

@@ -44,12 +44,19 @@ def _check(logits: Tensor, tokens: Tensor | None, temperature: float, start: int
     if logits.dim() < 1:
         raise ValueError("logits must have a trailing vocabulary dimension")
     if tokens is not None and not (tokens.shape == logits.shape[:-1] and start == 0):
-        ok = (logits.dim() >= 2 and tokens.dim() >= 1 and tokens.shape[:-1] == logits.shape[:-2]
-              and 0 <= start and start + tokens.shape[-1] <= logits.shape[-2])
+        ok = (
+            logits.dim() >= 2
+            and tokens.dim() >= 1
+            and tokens.shape[:-1] == logits.shape[:-2]
+            and 0 <= start
+            and start + tokens.shape[-1] <= logits.shape[-2]
+        )
         if not ok:
-            raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without the vocabulary "
-                             f"dimension {tuple(logits.shape[:-1])}, or (with start={start}) fit inside it along "
-                             f"the position dimension -2")
+            raise ValueError(
+                f"tokens shape {tuple(tokens.shape)} must equal logits shape without the vocabulary "
+                f"dimension {tuple(logits.shape[:-1])}, or (with start={start}) fit inside it along "
+                f"the position dimension -2"
+            )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -96,7 +103,7 @@ def _chunked_forward(
     ent = torch.empty(seqs, pos, dtype=ct, device=dev) if want_entropy else None
     inv_t = 1.0 / float(temperature)
     for s0, s1, p0, p1 in _blocks(seqs, pos, rows):
-        lp = _scaled_chunk(logits3d[s0:s1, start + p0:start + p1], inv_t, ct, torch.log_softmax)
+        lp = _scaled_chunk(logits3d[s0:s1, start + p0 : start + p1], inv_t, ct, torch.log_softmax)
         if logp is not None:
             logp[s0:s1, p0:p1] = lp.gather(-1, tokens2d[s0:s1, p0:p1, None]).squeeze(-1)
         if ent is not None:
@@ -117,8 +124,16 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits3d: Tensor, tokens2d: Tensor, start: int, temperature: float, rows: int,
-                want_entropy: bool, in_place: bool):
+    def forward(
+        ctx,
+        logits3d: Tensor,
+        tokens2d: Tensor,
+        start: int,
+        temperature: float,
+        rows: int,
+        want_entropy: bool,
+        in_place: bool,
+    ):
         logp, ent = _chunked_forward(logits3d, tokens2d, start, temperature, rows, want_entropy)
         ctx.save_for_backward(logits3d, tokens2d)
         ctx.in_place = in_place
@@ -143,15 +158,15 @@ class _TokenLogprobs(torch.autograd.Function):
         else:
             grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device=logits3d.device)
         grad[:, :start].zero_()
-        grad[:, start + pos:].zero_()
+        grad[:, start + pos :].zero_()
         g_out = grad_logp.to(ct) * inv_t
         for s0, s1, p0, p1 in _blocks(seqs, pos, ctx.rows):
             # d logp / d logits = (onehot(token) - softmax(logits / T)) / T, scaled by the incoming gradient.
-            g = _scaled_chunk(logits3d[s0:s1, start + p0:start + p1], inv_t, ct, torch.softmax)
+            g = _scaled_chunk(logits3d[s0:s1, start + p0 : start + p1], inv_t, ct, torch.softmax)
             go = g_out[s0:s1, p0:p1, None]
             g.mul_(-go)
             g.scatter_add_(-1, tokens2d[s0:s1, p0:p1, None], go)
-            grad[s0:s1, start + p0:start + p1] = g
+            grad[s0:s1, start + p0 : start + p1] = g
             del g
         return grad, None, None, None, None, None, None
 
@@ -174,8 +189,15 @@ def _as_3d(logits: Tensor, flat: bool) -> Tensor:
         return logits.reshape(-1, logits.shape[-2], vocab)
 
 
-def _run(logits: Tensor, tokens: Tensor | None, temperature: float, chunk_size: int | None, want_entropy: bool,
-         start: int = 0, in_place_backward: bool = False):
+def _run(
+    logits: Tensor,
+    tokens: Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+    want_entropy: bool,
+    start: int = 0,
+    in_place_backward: bool = False,
+):
     """View as (S, L, V), dispatch to the autograd Function when a gradient is needed, reshape back."""
     _check(logits, tokens, temperature, start)
     rows = _rows_per_chunk(chunk_size, logits.shape[-1])
@@ -187,15 +209,20 @@ def _run(logits: Tensor, tokens: Tensor | None, temperature: float, chunk_size: 
         return None, ent.reshape(out_shape)
     tokens2d = tokens.reshape(x.shape[0], x.shape[1] if flat else tokens.shape[-1]).long()
     if torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = _TokenLogprobs.apply(x, tokens2d, int(start), float(temperature), rows, want_entropy,
-                                         bool(in_place_backward))
+        logp, ent = _TokenLogprobs.apply(
+            x, tokens2d, int(start), float(temperature), rows, want_entropy, bool(in_place_backward)
+        )
     else:
         logp, ent = _chunked_forward(x, tokens2d, int(start), temperature, rows, want_entropy)
     return logp.reshape(out_shape), (ent.reshape(out_shape) if want_entropy else None)
 
 
 def token_logprobs(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0,
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    start: int = 0,
     in_place_backward: bool = False,
 ) -> Tensor:
     """Log-probability of each token under softmax(logits / temperature), shape of `tokens`.
@@ -211,8 +238,9 @@ def token_logprobs(
     storage instead of a new tensor (saves one logits-sized allocation): only for logits nothing else reads
     after this backward, e.g. a model output private to the caller; a second backward through them raises.
     """
-    return _run(logits, tokens, temperature, chunk_size, want_entropy=False, start=start,
-                in_place_backward=in_place_backward)[0]
+    return _run(
+        logits, tokens, temperature, chunk_size, want_entropy=False, start=start, in_place_backward=in_place_backward
+    )[0]
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
@@ -225,11 +253,16 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None, start: int = 0,
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    start: int = 0,
     in_place_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(token_logprobs, token_entropy) in one pass over the logits, both shaped like `tokens` (see
     token_logprobs for `start` and `in_place_backward`); only the log-probs carry a gradient."""
-    logp, ent = _run(logits, tokens, temperature, chunk_size, want_entropy=True, start=start,
-                     in_place_backward=in_place_backward)
+    logp, ent = _run(
+        logits, tokens, temperature, chunk_size, want_entropy=True, start=start, in_place_backward=in_place_backward
+    )
     return logp, ent

@@ -51,8 +51,9 @@ Metrics (0-d detached float tensors, computed on this call's valid finite tokens
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -171,9 +172,7 @@ def kpo_loss(b: LossInputs):
     return -b.adv * ratio, {"filtered_log_ratio": rho}
 
 
-@register_loss(
-    "kpo_clipped", kalman_q=1e-6, kalman_v=1.0, kalman_p0=0.0, clip_low=3e-4, clip_high=4e-4, dual_clip=0.0
-)
+@register_loss("kpo_clipped", kalman_q=1e-6, kalman_v=1.0, kalman_p0=0.0, clip_low=3e-4, clip_high=4e-4, dual_clip=0.0)
 def kpo_clipped_loss(b: LossInputs):
     """KPO-clipped: PPO clip applied to the filtered ratio (no dual clip in the paper)."""
     ratio, rho = _filtered_ratio(b)
@@ -270,7 +269,7 @@ def aggregation_normalizer(agg: str, mask: Tensor) -> float:
 
 
 def aggregate(
-    x: Tensor, valid: Tensor, agg: str, normalizer: Union[float, Tensor], norm_constant: Optional[float] = None
+    x: Tensor, valid: Tensor, agg: str, normalizer: float | Tensor, norm_constant: float | None = None
 ) -> Tensor:
     """Sum x (B, T) over valid tokens the way `agg` says (per-row means for seq-mean-token-mean), / normalizer."""
     x = torch.where(valid, x, 0.0)
@@ -316,8 +315,10 @@ def compute_policy_loss(
     """
     opts = resolve_loss_options(loss_type, **options)
     if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
-        raise ValueError(f"logp, old_logp and mask must share one (B, T) shape, got "
-                         f"{tuple(logp.shape)}, {tuple(old_logp.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"logp, old_logp and mask must share one (B, T) shape, got "
+            f"{tuple(logp.shape)}, {tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
     if advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(
             f"advantages must be (B,) or (B, T) for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}"

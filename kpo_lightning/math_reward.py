@@ -84,8 +84,9 @@ def _symbolic(key: tuple[str, str], timeout_s: float) -> float | None:
             return _CACHE[key]
     eq = WORKER.equal(key[0], key[1], timeout_s)
     if eq is None:
-        log.debug("math_reward: comparing %.80r with reference %.80r took over %.1fs; scored 0.0", key[1], key[0],
-                  timeout_s)
+        log.debug(
+            "math_reward: comparing %.80r with reference %.80r took over %.1fs; scored 0.0", key[1], key[0], timeout_s
+        )
         return None
     result = 1.0 if eq else 0.0
     with _CACHE_LOCK:
@@ -100,8 +101,9 @@ def _check_timeout(timeout_s: float) -> None:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
 
 
-def math_reward(completion: str, answer: str, timeout_s: float = 2.0, *, answer_after_think: bool = True,
-                prompt: str = "") -> float:
+def math_reward(
+    completion: str, answer: str, timeout_s: float = 2.0, *, answer_after_think: bool = True, prompt: str = ""
+) -> float:
     """1.0 when the last `\\boxed{}` of `completion` equals `answer`, else 0.0 (see the module docstring).
 
     `answer` is the reference, bare (`\\frac{1}{2}`) or boxed. Equality is string equality after
@@ -132,8 +134,9 @@ class MathReward:
         _check_timeout(self.timeout_s)
 
     def __call__(self, prompt: str = "", completion: str = "", answer: str = "", **kwargs: Any) -> float:
-        return math_reward(completion, answer, self.timeout_s, answer_after_think=self.answer_after_think,
-                           prompt=prompt)
+        return math_reward(
+            completion, answer, self.timeout_s, answer_after_think=self.answer_after_think, prompt=prompt
+        )
 
     def score_batch(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[Outcome]:
         out: list[Outcome] = [0.0] * len(completions)

@@ -109,8 +109,10 @@ class MathVerifyWorker:
             ok = wait_readable([fd], time.monotonic() + START_TIMEOUT_S)
             if not ok or os.read(fd, 1) != b"R":
                 self._kill()
-                raise RuntimeError("the math-verify worker process did not start; check that `python -c "
-                                   "\"import math_verify\"` works (pip install math-verify)")
+                raise RuntimeError(
+                    "the math-verify worker process did not start; check that `python -c "
+                    '"import math_verify"` works (pip install math-verify)'
+                )
             self.ready = True
 
     def equal(self, gold: str, pred: str, timeout_s: float) -> bool | None:

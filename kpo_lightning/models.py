@@ -116,9 +116,11 @@ def training_dtype(dtype: str, precision: str) -> torch.dtype:
     """
     wanted = weight_dtype(precision)
     if DTYPES[dtype] != wanted and wanted == torch.float32:
-        _note_once(f"[kpo] model.dtype={dtype} with trainer.precision={precision}: the policy is loaded in float32 "
-                   "(master weights the optimizer updates; compute follows trainer.precision). "
-                   "trainer.precision=bf16-true trains bfloat16 weights instead.")
+        _note_once(
+            f"[kpo] model.dtype={dtype} with trainer.precision={precision}: the policy is loaded in float32 "
+            "(master weights the optimizer updates; compute follows trainer.precision). "
+            "trainer.precision=bf16-true trains bfloat16 weights instead."
+        )
     return wanted
 
 
@@ -165,8 +167,13 @@ def apply_lora(model, cfg: ModelConfig):
     target: str | list[str] | None = cfg.lora.target_modules
     if target != "all-linear":
         target = [t.strip() for t in target.split(",")]
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 

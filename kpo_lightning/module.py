@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +24,6 @@ from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig,
 from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
 from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
-from kpo_lightning.sequence_logprobs import sequence_logprobs
 from kpo_lightning.losses import (
     LOSS_DEFAULTS,
     LOSS_OPTIONS,
@@ -31,14 +31,15 @@ from kpo_lightning.losses import (
     check_loss_type,
     compute_policy_loss,
 )
-from kpo_lightning.models import decay_parameter_names, disable_dropout, weight_dtype
 from kpo_lightning.metrics import RatioMean, RatioVariance, SwitchFrequency
+from kpo_lightning.models import decay_parameter_names, disable_dropout, weight_dtype
 from kpo_lightning.rewards import reward_from_config
-from kpo_lightning.sharded_generation import full_weights_for_generation
-from kpo_lightning.strategies import FSDPStrategy, is_sharded
 from kpo_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 from kpo_lightning.rollout_callback import RolloutCallback, RolloutInputs
+from kpo_lightning.sequence_logprobs import sequence_logprobs
+from kpo_lightning.sharded_generation import full_weights_for_generation
 from kpo_lightning.step_logs import StepLogs
+from kpo_lightning.strategies import FSDPStrategy, is_sharded
 
 
 def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
@@ -53,8 +54,11 @@ def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
 
 def _ratio_metrics(series: str) -> MetricCollection:
     """train/ratio_mean_<series>, train/ratio_var_<series>, train/switch_freq_<series>."""
-    return MetricCollection({"ratio_mean": RatioMean(series), "ratio_var": RatioVariance(series),
-                             "switch_freq": SwitchFrequency()}, postfix=f"_{series}", compute_groups=False)
+    return MetricCollection(
+        {"ratio_mean": RatioMean(series), "ratio_var": RatioVariance(series), "switch_freq": SwitchFrequency()},
+        postfix=f"_{series}",
+        compute_groups=False,
+    )
 
 
 class KPOModule(pl.LightningModule):
@@ -69,17 +73,19 @@ class KPOModule(pl.LightningModule):
         self,
         policy: torch.nn.Module,
         tokenizer,
-        loss: LossConfig = LossConfig(),
-        optim: OptimConfig = OptimConfig(),
-        rollout: RolloutConfig = RolloutConfig(),
-        reward: RewardConfig = RewardConfig(),
-        eval: EvalConfig = EvalConfig(),
-        log: LogConfig = LogConfig(),
-        reward_fn: Optional[Callable[..., float]] = None,
-        engine: Optional[RolloutEngine] = None,
+        loss: LossConfig | None = None,
+        optim: OptimConfig | None = None,
+        rollout: RolloutConfig | None = None,
+        reward: RewardConfig | None = None,
+        eval: EvalConfig | None = None,
+        log: LogConfig | None = None,
+        reward_fn: Callable[..., float] | None = None,
+        engine: RolloutEngine | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        loss, optim, rollout = loss or LossConfig(), optim or OptimConfig(), rollout or RolloutConfig()
+        reward, eval, log = reward or RewardConfig(), eval or EvalConfig(), log or LogConfig()  # None: the defaults
         check_loss_type(loss.type)
         self.policy = disable_dropout(policy)
         self.tokenizer = tokenizer
@@ -93,8 +99,10 @@ class KPOModule(pl.LightningModule):
         # The diagnostic filter (ratio variance and switch frequency, filtered) uses the configured Q, V, P0, else
         # the loss's own, else KPO-clipped's: for GRPO/GSPO/GMPO it shows what the filter would have done.
         kalman = {**LOSS_DEFAULTS["kpo_clipped"], **LOSS_DEFAULTS[loss.type]}
-        self.diag_kalman = {k: getattr(loss, k) if getattr(loss, k) is not None else kalman[k]
-                            for k in ("kalman_q", "kalman_v", "kalman_p0")}
+        self.diag_kalman = {
+            k: getattr(loss, k) if getattr(loss, k) is not None else kalman[k]
+            for k in ("kalman_q", "kalman_v", "kalman_p0")
+        }
 
         # Reference snapshot for the KL term: with LoRA it is the base model (adapter disabled), no copy;
         # otherwise a frozen copy, kept out of state_dict (rebuilt from the model source on resume).
@@ -106,7 +114,7 @@ class KPOModule(pl.LightningModule):
         self.ratio_metrics_raw = _ratio_metrics("raw")
         self.ratio_metrics_filtered = _ratio_metrics("filtered")
         self.rollout_step = 0  # rollout steps done (the x axis of every curve)
-        self.warmup_steps: Optional[int] = None  # optimizer steps of LR warm-up, set by configure_optimizers
+        self.warmup_steps: int | None = None  # optimizer steps of LR warm-up, set by configure_optimizers
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._val_rewards: list[Tensor] = []
@@ -131,8 +139,11 @@ class KPOModule(pl.LightningModule):
             low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
             if low:
                 if self.global_rank == 0:
-                    print(f"[kpo] the policy's weights are {', '.join(low)} under precision={self.trainer.precision}: "
-                          "converted to float32 master weights (bf16-true trains bfloat16 weights)", flush=True)
+                    print(
+                        f"[kpo] the policy's weights are {', '.join(low)} under precision={self.trainer.precision}: "
+                        "converted to float32 master weights (bf16-true trains bfloat16 weights)",
+                        flush=True,
+                    )
                 self.policy.float()
                 for ref in self._reference:
                     ref.float()
@@ -191,10 +202,17 @@ class KPOModule(pl.LightningModule):
 
     def rollout_inputs(self) -> RolloutInputs:
         """What `RolloutCallback` samples this step's rollout with (its whole view of this module)."""
-        return RolloutInputs(engine=self.engine, policy=self.policy, tokenizer=self.tokenizer, reward_fn=self.reward_fn,
-                             params=SamplingParams.for_training(self.rollout_cfg),
-                             advantage_estimator=self.loss_cfg.advantage, seed=self.seed,
-                             global_rank=self.global_rank, rollout_step=self.rollout_step)
+        return RolloutInputs(
+            engine=self.engine,
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            reward_fn=self.reward_fn,
+            params=SamplingParams.for_training(self.rollout_cfg),
+            advantage_estimator=self.loss_cfg.advantage,
+            seed=self.seed,
+            global_rank=self.global_rank,
+            rollout_step=self.rollout_step,
+        )
 
     # ----------------------------------------------------------------- log-probs
     def sampling_params(self, rollout: Rollout) -> SamplingParams:
@@ -202,13 +220,21 @@ class KPOModule(pl.LightningModule):
         one source of the temperature and group size the loss assumes."""
         params = rollout.params if rollout.params is not None else SamplingParams.for_training(self.rollout_cfg)
         if not params.temperature > 0:
-            raise UserInputError(f"a training rollout was sampled at temperature={params.temperature!r}: training "
-                                 "log-probs need a temperature > 0 (greedy decoding is for evaluation only)")
+            raise UserInputError(
+                f"a training rollout was sampled at temperature={params.temperature!r}: training "
+                "log-probs need a temperature > 0 (greedy decoding is for evaluation only)"
+            )
         return params
 
-    def sequence_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
-                          with_entropy: bool = False, temperature: Optional[float] = None
-                          ) -> tuple[Tensor, Optional[Tensor]]:
+    def sequence_logprobs(
+        self,
+        model,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        with_entropy: bool = False,
+        temperature: float | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs (and entropy) of the response tokens under `model`, at the sampling `temperature`
         (default: the configured training temperature).
 
@@ -216,8 +242,9 @@ class KPOModule(pl.LightningModule):
         Only the response positions go through the LM head (see `kpo_lightning.sequence_logprobs`).
         """
         temperature = self.rollout_cfg.temperature if temperature is None else temperature
-        return sequence_logprobs(model, input_ids, attention_mask, prompt_length,
-                                 temperature=temperature, with_entropy=with_entropy)
+        return sequence_logprobs(
+            model, input_ids, attention_mask, prompt_length, temperature=temperature, with_entropy=with_entropy
+        )
 
     def _micro_batches(self, rows: Tensor, seq_len: int) -> list[Tensor]:
         """Split rows so each forward/backward holds at most `micro_batch_size` rows and
@@ -234,7 +261,7 @@ class KPOModule(pl.LightningModule):
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
     @torch.no_grad()
-    def _old_logprobs(self, rollout: Rollout, first_row: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _old_logprobs(self, rollout: Rollout, first_row: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """pi_old log-probs and entropy of rows `first_row..` (the rows before it are the first mini-batch, which
         is on-policy: its training forward supplies them), and reference log-probs of all rows when beta > 0."""
         gen = rollout.generation
@@ -247,23 +274,33 @@ class KPOModule(pl.LightningModule):
         ref = torch.zeros(n, width, **f32) if self.loss_cfg.beta > 0 else None
         all_rows = torch.arange(n, device=gen.input_ids.device)
         for rows in self._micro_batches(all_rows[first_row:], gen.input_ids.shape[1]):
-            old[rows], ent[rows] = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
-                                                          gen.prompt_length, with_entropy=True,
-                                                          temperature=temperature)
+            old[rows], ent[rows] = self.sequence_logprobs(
+                self.policy,
+                gen.input_ids[rows],
+                gen.attention_mask[rows],
+                gen.prompt_length,
+                with_entropy=True,
+                temperature=temperature,
+            )
         if ref is not None:
             ctx = self.policy.disable_adapter() if not self._reference else nullcontext()
             ref_model = self._reference[0] if self._reference else self.policy
             with ctx:
                 for rows in self._micro_batches(all_rows, gen.input_ids.shape[1]):
-                    ref[rows] = self.sequence_logprobs(ref_model, gen.input_ids[rows], gen.attention_mask[rows],
-                                                       gen.prompt_length, temperature=temperature)[0]
+                    ref[rows] = self.sequence_logprobs(
+                        ref_model,
+                        gen.input_ids[rows],
+                        gen.attention_mask[rows],
+                        gen.prompt_length,
+                        temperature=temperature,
+                    )[0]
         return old, ent, ref
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
         """One rollout step: pi_old (and reference) log-probs, then for each epoch and mini-batch the micro-batch
         losses and backwards, then one optimizer step; logging is `_log_step`'s."""
-        rollout: Optional[Rollout] = batch.get("rollout") if isinstance(batch, dict) else None
+        rollout: Rollout | None = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None:
             raise RuntimeError("the batch has no rollout: add kpo_lightning.RolloutCallback to the Trainer's callbacks")
         step_start = time.perf_counter()
@@ -284,7 +321,7 @@ class KPOModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         logs = StepLogs()
-        last_offpolicy: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        last_offpolicy: tuple[Tensor, Tensor, Tensor] | None = None
 
         for epoch in range(self.optim_cfg.epochs_per_rollout):
             for mb in range(self.optim_cfg.num_minibatches):
@@ -298,9 +335,18 @@ class KPOModule(pl.LightningModule):
                     no_sync = getattr(self.trainer.model, "no_sync", None)
                     sync_ctx = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else nullcontext()
                     with sync_ctx:
-                        loss, metrics, logp = self._micro_batch_loss(gen, rows, old_logp, entropy, advantages, mask,
-                                                                     ref_logp, normalizer, on_policy=not off_policy,
-                                                                     temperature=params.temperature)
+                        loss, metrics, logp = self._micro_batch_loss(
+                            gen,
+                            rows,
+                            old_logp,
+                            entropy,
+                            advantages,
+                            mask,
+                            ref_logp,
+                            normalizer,
+                            on_policy=not off_policy,
+                            temperature=params.temperature,
+                        )
                         self.manual_backward(loss)
                     loss_total += loss.detach()
                     logs.add_micro_batch(metrics)
@@ -316,26 +362,40 @@ class KPOModule(pl.LightningModule):
         DDP and FSDP average gradients, so each process divides by (global count / world size) to get the
         global-batch gradient."""
         world = self.trainer.world_size
-        norm = torch.tensor(float(aggregation_normalizer(self.loss_cfg.agg, mask)), dtype=torch.float32,
-                            device=mask.device)
+        norm = torch.tensor(
+            float(aggregation_normalizer(self.loss_cfg.agg, mask)), dtype=torch.float32, device=mask.device
+        )
         if world > 1:
             norm = self.trainer.strategy.reduce(norm, reduce_op="sum")
         return norm.item() / world
 
-    def _log_step(self, logs: StepLogs, rollout: Rollout, entropy: Tensor, step_start: float,
-                  offpolicy: Optional[tuple[Tensor, Tensor, Tensor]]) -> None:
+    def _log_step(
+        self,
+        logs: StepLogs,
+        rollout: Rollout,
+        entropy: Tensor,
+        step_start: float,
+        offpolicy: tuple[Tensor, Tensor, Tensor] | None,
+    ) -> None:
         """Log the rollout step: one point per `train/*` name, combined over processes (see `step_logs`)."""
         update_s = time.perf_counter() - step_start
         gen = rollout.generation
         strategy = self.trainer.strategy
         reduce = (lambda t, op: strategy.reduce(t, reduce_op=op)) if self.trainer.world_size > 1 else None
         values = logs.finish(
-            rollout.stats, gen.input_ids.shape[0], entropy, gen.response_mask,
+            rollout.stats,
+            gen.input_ids.shape[0],
+            entropy,
+            gen.response_mask,
             step_seconds=update_s + rollout.stats["time_generate_s"] + rollout.stats["time_score_s"],
             update_seconds=update_s,
-            same={"lr": self.lr_schedulers().get_last_lr()[0], "skipped_steps": float(self.skipped_steps),
-                  "skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0)},
-            ratio_diagnostics=(self.ratio_metrics_raw, self.ratio_metrics_filtered), reduce=reduce,
+            same={
+                "lr": self.lr_schedulers().get_last_lr()[0],
+                "skipped_steps": float(self.skipped_steps),
+                "skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0),
+            },
+            ratio_diagnostics=(self.ratio_metrics_raw, self.ratio_metrics_filtered),
+            reduce=reduce,
         )
         batch_size = gen.input_ids.shape[0]
         self.log("reward", values["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
@@ -344,21 +404,38 @@ class KPOModule(pl.LightningModule):
         self._log_metrics(values)
         self._log_text_and_figure(rollout, offpolicy)
 
-    def _micro_batch_loss(self, gen, rows: Tensor, old_logp: Tensor, entropy: Tensor, advantages: Tensor,
-                          mask: Tensor, ref_logp: Optional[Tensor], normalizer: float,
-                          on_policy: bool, temperature: Optional[float] = None) -> tuple[Tensor, dict, Tensor]:
+    def _micro_batch_loss(
+        self,
+        gen,
+        rows: Tensor,
+        old_logp: Tensor,
+        entropy: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        ref_logp: Tensor | None,
+        normalizer: float,
+        on_policy: bool,
+        temperature: float | None = None,
+    ) -> tuple[Tensor, dict, Tensor]:
         """Loss of one micro-batch. On the first (on-policy) mini-batch pi_old is the current policy, so its
         log-probs and entropy are taken from this forward instead of a separate no-grad pass."""
-        logp, ent = self.sequence_logprobs(self.policy, gen.input_ids[rows], gen.attention_mask[rows],
-                                           gen.prompt_length, with_entropy=on_policy, temperature=temperature)
+        logp, ent = self.sequence_logprobs(
+            self.policy,
+            gen.input_ids[rows],
+            gen.attention_mask[rows],
+            gen.prompt_length,
+            with_entropy=on_policy,
+            temperature=temperature,
+        )
         if on_policy:
             old_logp[rows] = logp.detach()
             entropy[rows] = ent
         opts = dict(self.loss_options, normalizer=normalizer)
         if ref_logp is not None:
             opts.update(ref_logp=ref_logp[rows], beta=self.loss_cfg.beta, kl_estimator=self.loss_cfg.kl_estimator)
-        loss, metrics = compute_policy_loss(self.loss_cfg.type, logp, old_logp[rows], advantages[rows], mask[rows],
-                                            **opts)
+        loss, metrics = compute_policy_loss(
+            self.loss_cfg.type, logp, old_logp[rows], advantages[rows], mask[rows], **opts
+        )
         return loss, metrics, logp
 
     def _update_ratio_metrics(self, raw: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -396,8 +473,11 @@ class KPOModule(pl.LightningModule):
             self.skipped_steps += 1
             self.consecutive_skips += 1
             what = "loss" if bad_loss else "gradient norm"
-            print(f"[kpo] rollout step {self.rollout_step}: non-finite {what}, optimizer step skipped "
-                  f"({self.consecutive_skips} in a row)", flush=True)
+            print(
+                f"[kpo] rollout step {self.rollout_step}: non-finite {what}, optimizer step skipped "
+                f"({self.consecutive_skips} in a row)",
+                flush=True,
+            )
             if self.consecutive_skips >= self.optim_cfg.max_skipped_steps:
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteTrainingError(
@@ -412,11 +492,14 @@ class KPOModule(pl.LightningModule):
         params = SamplingParams.for_eval(self.rollout_cfg, self.eval_cfg)
         # Validation samples from its own seeded RNG: the same prompts get the same draws at every evaluation,
         # and training's RNG stream is untouched (so a resumed run samples exactly what the original would).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                full_weights_for_generation(self.trainer, self.policy):
+        with (
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            full_weights_for_generation(self.trainer, self.policy),
+        ):
             torch.manual_seed(self.seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
-            rewards = evaluate_batch(self.engine, self.policy, self.tokenizer, batch["prompt"], batch["answer"],
-                                     params, self.reward_fn)
+            rewards = evaluate_batch(
+                self.engine, self.policy, self.tokenizer, batch["prompt"], batch["answer"], params, self.reward_fn
+            )
         self._val_rewards.append(rewards.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
@@ -449,15 +532,17 @@ class KPOModule(pl.LightningModule):
         """Log this rollout step? Every `every` steps and at the first one; never when `every` is 0."""
         return every > 0 and (self.rollout_step % every == 0 or self.rollout_step == 1)
 
-    def _log_text_and_figure(self, rollout: Rollout, offpolicy: Optional[tuple[Tensor, Tensor, Tensor]]) -> None:
+    def _log_text_and_figure(self, rollout: Rollout, offpolicy: tuple[Tensor, Tensor, Tensor] | None) -> None:
         tb = self._tensorboard()
         if tb is None:
             return
         if self._due(self.log_cfg.samples_every_n_steps):
             rows = []
             for i in range(0, len(rollout.prompts), max(1, self.sampling_params(rollout).num_samples)):
-                rows.append(f"| {rollout.prompts[i]!r} | {rollout.generation.completions[i]!r} | "
-                            f"{rollout.answers[i]!r} | {rollout.rewards[i].item():.2f} |")
+                rows.append(
+                    f"| {rollout.prompts[i]!r} | {rollout.generation.completions[i]!r} | "
+                    f"{rollout.answers[i]!r} | {rollout.rewards[i].item():.2f} |"
+                )
             table = "| prompt | completion | answer | reward |\n|---|---|---|---|\n" + "\n".join(rows[:8])
             tb.add_text("samples", table, self.rollout_step)
         if offpolicy is not None and self._due(self.log_cfg.ratio_plot_every_n_steps):

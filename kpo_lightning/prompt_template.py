@@ -7,9 +7,20 @@ from typing import Any
 from kpo_lightning.errors import UserInputError
 
 # apply_chat_template arguments the data module sets itself: data.chat_template_kwargs may not override them.
-RESERVED_CHAT_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
-                        "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
-                        "return_assistant_tokens_mask", "chat_template")
+RESERVED_CHAT_KWARGS = (
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_tensors",
+    "padding",
+    "truncation",
+    "max_length",
+    "tokenizer_kwargs",
+    "return_assistant_tokens_mask",
+    "chat_template",
+)
 
 
 def _check_chat_template_kwargs(kwargs: Any) -> None:

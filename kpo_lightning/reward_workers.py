@@ -159,7 +159,7 @@ def send_frame(fd: int, obj: Any) -> None:
     body = json.dumps(obj).encode()
     view = memoryview(struct.pack("<I", len(body)) + body)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def recv_frame(fd: int) -> Any:
@@ -181,7 +181,10 @@ def start_child(entry: str, *args: str) -> subprocess.Popen:
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.Popen(
         [sys.executable, "-c", f"from {module} import {func}; {func}()", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        close_fds=True,
     )
 
 
@@ -317,8 +320,9 @@ class RewardPool:
                 for slot in list(self.slots):
                     if slot.deadline <= now and (slot.index is not None or not slot.ready):
                         if not slot.ready:
-                            raise RuntimeError(f"the reward process for {self.spec!r} did not start within "
-                                               f"{START_TIMEOUT_S:.0f}s")
+                            raise RuntimeError(
+                                f"the reward process for {self.spec!r} did not start within {START_TIMEOUT_S:.0f}s"
+                            )
                         results[slot.index] = timeout_failure(timeout_s)
                         self._replace(slot)
         except BaseException:  # SIGTERM, Ctrl-C: busy processes may be stuck or mid-answer; never reuse them

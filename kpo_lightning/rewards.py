@@ -50,12 +50,15 @@ def score_completions(fn: RewardFn, prompts: list[str], completions: list[str], 
 
     n = len(completions)
     if len(prompts) != n or len(answers) != n:
-        raise ValueError(f"prompts, completions and answers must have one entry per sample, got "
-                         f"{len(prompts)}, {n}, {len(answers)}")
+        raise ValueError(
+            f"prompts, completions and answers must have one entry per sample, got {len(prompts)}, {n}, {len(answers)}"
+        )
     with stop_on_sigterm():
         if hasattr(fn, "score_batch"):
-            outcomes = [o if isinstance(o, Failure) else classify(o)
-                        for o in fn.score_batch(list(prompts), list(completions), list(answers))]
+            outcomes = [
+                o if isinstance(o, Failure) else classify(o)
+                for o in fn.score_batch(list(prompts), list(completions), list(answers))
+            ]
         else:
             outcomes = [call_reward(fn, prompts[i], completions[i], answers[i]) for i in range(n)]
     rewards = [o if isinstance(o, float) else 0.0 for o in outcomes]
@@ -68,13 +71,32 @@ def score_completions(fn: RewardFn, prompts: list[str], completions: list[str], 
     num_errors = sum(isinstance(o, Failure) for o in outcomes) - num_timeouts
     name = getattr(fn, "__qualname__", repr(fn))
     for kind, (count, first, text) in failures.items():
-        log.warning("reward function %s %s on %d/%d samples (scored 0.0); first at sample %d: %s",
-                    name, kind, count, n, first, text)
+        log.warning(
+            "reward function %s %s on %d/%d samples (scored 0.0); first at sample %d: %s",
+            name,
+            kind,
+            count,
+            n,
+            first,
+            text,
+        )
     return Scores(torch.tensor(rewards, dtype=torch.float32), num_errors, num_timeouts)
 
 
 __all__ = [
-    "MAX_ANSWER_CHARS", "MAX_NESTING", "THINK_CLOSE", "THINK_OPEN", "MathReward", "RewardFn", "Scores", "TimedReward",
-    "answer_part", "extract_boxed", "load_reward_fn", "math_reward", "math_reward_fn", "reward_from_config",
+    "MAX_ANSWER_CHARS",
+    "MAX_NESTING",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "MathReward",
+    "RewardFn",
+    "Scores",
+    "TimedReward",
+    "answer_part",
+    "extract_boxed",
+    "load_reward_fn",
+    "math_reward",
+    "math_reward_fn",
+    "reward_from_config",
     "score_completions",
 ]

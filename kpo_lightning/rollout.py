@@ -23,7 +23,6 @@ from kpo_lightning.config import EvalConfig, RolloutConfig
 from kpo_lightning.prompt_tokens import encode_prompts
 from kpo_lightning.rewards import score_completions
 
-
 _ROLLOUT = RolloutConfig()  # SamplingParams' defaults are the config's: one place states them
 
 
@@ -43,14 +42,26 @@ class SamplingParams:
 
     @classmethod
     def for_training(cls, rollout: RolloutConfig) -> SamplingParams:
-        return cls(rollout.num_generations, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
-                   rollout.top_k, rollout.generation_batch_size)
+        return cls(
+            rollout.num_generations,
+            rollout.max_new_tokens,
+            rollout.temperature,
+            rollout.top_p,
+            rollout.top_k,
+            rollout.generation_batch_size,
+        )
 
     @classmethod
     def for_eval(cls, rollout: RolloutConfig, eval: EvalConfig) -> SamplingParams:
         """k samples per prompt at the evaluation temperature; length and nucleus settings as in training."""
-        return cls(eval.k, eval.max_new_tokens or rollout.max_new_tokens, eval.temperature, rollout.top_p,
-                   rollout.top_k, rollout.generation_batch_size)
+        return cls(
+            eval.k,
+            eval.max_new_tokens or rollout.max_new_tokens,
+            eval.temperature,
+            rollout.top_p,
+            rollout.top_k,
+            rollout.generation_batch_size,
+        )
 
 
 @dataclass
@@ -190,8 +201,7 @@ class HFGenerateEngine:
         n = prompt_ids.shape[0]
         step = params.batch_size if params.batch_size > 0 else n
         chunks = []
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                    enabled=params.seed is not None)
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=params.seed is not None)
         try:
             with rng, model_generation_config(model, config):
                 if params.seed is not None:

@@ -60,12 +60,19 @@ class RolloutCallback(pl.Callback):
         params = self.params if self.params is not None else inputs.params
         return replace(params, seed=sampling_seed(inputs.seed, inputs.global_rank, inputs.rollout_step))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: RolloutSource, batch: dict,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: RolloutSource, batch: dict, batch_idx: int) -> None:
         inputs = pl_module.rollout_inputs()
         with full_weights_for_generation(trainer, inputs.policy):
             batch["rollout"] = self._make(inputs, batch)
 
     def _make(self, inputs: RolloutInputs, batch: dict):
-        return make_rollout(inputs.engine, inputs.policy, inputs.tokenizer, batch["prompt"], batch["answer"],
-                            self.sampling_params(inputs), inputs.reward_fn, inputs.advantage_estimator)
+        return make_rollout(
+            inputs.engine,
+            inputs.policy,
+            inputs.tokenizer,
+            batch["prompt"],
+            batch["answer"],
+            self.sampling_params(inputs),
+            inputs.reward_fn,
+            inputs.advantage_estimator,
+        )

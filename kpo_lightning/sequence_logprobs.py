@@ -78,8 +78,10 @@ def sequence_logprobs(
     elif logits.shape[1] == total:
         start = prompt_length - 1  # all positions: score the window in place
     else:
-        raise ValueError(f"model returned logits for {logits.shape[1]} positions; expected {response_len} "
-                         f"(logits_to_keep) or {total} (all)")
+        raise ValueError(
+            f"model returned logits for {logits.shape[1]} positions; expected {response_len} "
+            f"(logits_to_keep) or {total} (all)"
+        )
     tokens = input_ids[:, prompt_length:]
     # The logits are private to this call (nothing else reads them after backward): their gradient overwrites them.
     opts = dict(temperature=temperature, start=start, in_place_backward=True)

@@ -64,8 +64,7 @@ class Value:
     mean: Number = 0.0  # std: the mean of this process's samples
 
 
-def combine(values: dict[str, Value], reduce: Reduce | None, device: str | torch.device = "cpu"
-            ) -> dict[str, float]:
+def combine(values: dict[str, Value], reduce: Reduce | None, device: str | torch.device = "cpu") -> dict[str, float]:
     """Each value over all processes by its rule; with `reduce=None` (one process) each own value as it is."""
     if reduce is None:
         return {name: float(v.value) for name, v in values.items()}
@@ -136,9 +135,19 @@ class StepLogs:
         self._losses.append(float(loss))
         self._grad_norms.append(grad_norm)
 
-    def finish(self, rollout_stats: dict[str, float], num_samples: int, entropy: Tensor, mask: Tensor, *,
-               step_seconds: float, update_seconds: float, same: dict[str, float],
-               ratio_diagnostics: Iterable = (), reduce: Reduce | None = None) -> dict[str, float]:
+    def finish(
+        self,
+        rollout_stats: dict[str, float],
+        num_samples: int,
+        entropy: Tensor,
+        mask: Tensor,
+        *,
+        step_seconds: float,
+        update_seconds: float,
+        same: dict[str, float],
+        ratio_diagnostics: Iterable = (),
+        reduce: Reduce | None = None,
+    ) -> dict[str, float]:
         """The step's logged values (names without the `train/` prefix are given it).
 
         rollout_stats: this process's `Rollout.stats` over its `num_samples` samples; entropy, mask: (rows, T) of

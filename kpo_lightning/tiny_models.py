@@ -32,8 +32,9 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
 def build_tiny_random_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A randomly initialised tiny Llama matched to `tokenizer`: vocab size and pad/eos/bos ids, also in its
     generation_config (so `generate` stops at eos and pads with pad without warnings). Deterministic in `seed`."""
-    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   bos_token_id=tokenizer.bos_token_id)
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     config = tiny_llama_config(len(tokenizer), **{**special, **overrides})
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # seed the init without disturbing the caller's RNG

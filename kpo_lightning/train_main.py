@@ -92,8 +92,10 @@ def resolve_resume(cfg: Config, ckpt_dir: Path) -> Path | None:
         damaged.append((path, problem))
     if chosen is None and damaged and cfg.resume == "auto":
         names = "; ".join(f"{p.name}: {why}" for p, why in damaged)
-        raise UserInputError(f"resume=auto: no intact checkpoint in {ckpt_dir} ({names}); remove them to start fresh, "
-                             "or set resume=auto_or_fresh")
+        raise UserInputError(
+            f"resume=auto: no intact checkpoint in {ckpt_dir} ({names}); remove them to start fresh, "
+            "or set resume=auto_or_fresh"
+        )
     for path, problem in damaged:
         aside = path.with_name(path.name + DAMAGED_SUFFIX)
         try:
@@ -116,21 +118,38 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     (out / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is not None and (done := checkpoint_rollout_step(resume)) >= cfg.trainer.max_steps:  # before loading
-        print(f"[kpo] nothing to do: {resume} is at step {done}, trainer.max_steps={cfg.trainer.max_steps}; raise "
-              "trainer.max_steps to continue (final/ left as it is)", flush=True)
+        print(
+            f"[kpo] nothing to do: {resume} is at step {done}, trainer.max_steps={cfg.trainer.max_steps}; raise "
+            "trainer.max_steps to continue (final/ left as it is)",
+            flush=True,
+        )
         return 0
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
     datamodule = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    module = KPOModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout, reward=cfg.reward,
-                       eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
+    module = KPOModule(
+        model,
+        tokenizer,
+        loss=cfg.loss,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        reward=cfg.reward,
+        eval=cfg.eval,
+        log=cfg.log,
+        reward_fn=reward_fn,
+        seed=cfg.seed,
+    )
     checkpoint = RolloutCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
     trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)
 
     if trainer.is_global_zero:
-        print(startup_banner(trainer, out), f"[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}", sep="\n",
-              flush=True)
+        print(
+            startup_banner(trainer, out),
+            f"[kpo] TensorBoard: tensorboard --logdir {out / 'tensorboard'}",
+            sep="\n",
+            flush=True,
+        )
     if cfg.eval.every_n_steps > 0 and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the "before training" point
     try:

@@ -54,6 +54,8 @@ def device_description(trainer: Any) -> str:
 def startup_banner(trainer: Any, output_dir: Path) -> str:
     """One line: package, torch, lightning, transformers versions, device and the output folder."""
     v = versions()
-    return (f"[kpo] kpo-lightning {v['kpo-lightning']} | torch {v['torch']} | lightning {v['lightning']} | "
-            f"transformers {v['transformers']} | device {device_description(trainer)} | "
-            f"output: {Path(output_dir).resolve()}")
+    return (
+        f"[kpo] kpo-lightning {v['kpo-lightning']} | torch {v['torch']} | lightning {v['lightning']} | "
+        f"transformers {v['transformers']} | device {device_description(trainer)} | "
+        f"output: {Path(output_dir).resolve()}"
+    )

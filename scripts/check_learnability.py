@@ -56,8 +56,9 @@ def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-6)).view(-1)
 
 
-def policy_loss(model: PreTrainedModel, seqs: torch.Tensor, attn: torch.Tensor, width: int,
-                adv: torch.Tensor) -> torch.Tensor:
+def policy_loss(
+    model: PreTrainedModel, seqs: torch.Tensor, attn: torch.Tensor, width: int, adv: torch.Tensor
+) -> torch.Tensor:
     """-A * (mean log-prob of the response's completion tokens), averaged over responses."""
     model.train()
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # same positions generate() used under left padding
@@ -71,8 +72,9 @@ def policy_loss(model: PreTrainedModel, seqs: torch.Tensor, attn: torch.Tensor, 
 
 
 @torch.no_grad()
-def avg_at_k(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[dict], k: int,
-             max_new_tokens: int) -> float:
+def avg_at_k(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[dict], k: int, max_new_tokens: int
+) -> float:
     """Mean reward of k temperature-1.0 samples per problem."""
     return rollout(model, tokenizer, problems, k, max_new_tokens)[3].mean().item()
 
@@ -127,13 +129,17 @@ def main() -> None:
         for seed in args.seeds:
             r = run(base, tokenizer, seed, lr, args)
             results.append(r)
-            print(f"seed {r['seed']} lr {r['lr']:g}: {r['steps']} steps in {r['seconds']:.0f}s, "
-                  f"held-out avg@{args.k} {r['before']:.3f} -> {r['after']:.3f} ({r['after'] - r['before']:+.3f})",
-                  flush=True)
+            print(
+                f"seed {r['seed']} lr {r['lr']:g}: {r['steps']} steps in {r['seconds']:.0f}s, "
+                f"held-out avg@{args.k} {r['before']:.3f} -> {r['after']:.3f} ({r['after'] - r['before']:+.3f})",
+                flush=True,
+            )
     print("\nsummary")
     for r in results:
-        print(f"  lr {r['lr']:<8g} seed {r['seed']}  steps {r['steps']:4d}  {r['seconds']:5.0f}s  "
-              f"{r['before']:.3f} -> {r['after']:.3f}  ({r['after'] - r['before']:+.3f})")
+        print(
+            f"  lr {r['lr']:<8g} seed {r['seed']}  steps {r['steps']:4d}  {r['seconds']:5.0f}s  "
+            f"{r['before']:.3f} -> {r['after']:.3f}  ({r['after'] - r['before']:+.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -46,17 +46,39 @@ def tiny_qwen3(folder: Path, cpu: bool) -> Path:
     from kpo_lightning.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer(model_max_length=8192)
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16) if cpu else \
-        dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64)
-    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                         **size)
+    size = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+        if cpu
+        else dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+        )
+    )
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        **size,
+    )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                               bos_token_id=tok.bos_token_id)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -70,14 +92,37 @@ def digit_share(prompt: str, completion: str, answer: str, **kwargs) -> float:
 
 def overrides(variant: str, model: Path, out: Path, cpu: bool, max_new_tokens: int) -> list[str]:
     processes, strategy, extra = VARIANTS[variant]
-    small = ["data.prompts_per_step=4", "rollout.num_generations=4", "optim.num_minibatches=2",
-             "optim.micro_batch_size=4", "data.val_size=4"] if cpu else ["data.val_size=16"]
-    return ["preset=paper", f"model.name_or_path={model}", "data.source=arithmetic", "data.subset=null",
-            "data.val_source=null", f"reward.fn={Path(__file__).resolve()}:digit_share",
-            f"rollout.max_new_tokens={max_new_tokens}", "trainer.max_steps=2",
-            "eval.every_n_steps=2", "eval.k=2", "checkpoint.every_n_steps=0", "checkpoint.keep_last=1",
-            f"output_dir={out}", f"trainer.accelerator={'cpu' if cpu else 'gpu'}", f"trainer.devices={processes}",
-            f"trainer.strategy={strategy}", *small, *extra]
+    small = (
+        [
+            "data.prompts_per_step=4",
+            "rollout.num_generations=4",
+            "optim.num_minibatches=2",
+            "optim.micro_batch_size=4",
+            "data.val_size=4",
+        ]
+        if cpu
+        else ["data.val_size=16"]
+    )
+    return [
+        "preset=paper",
+        f"model.name_or_path={model}",
+        "data.source=arithmetic",
+        "data.subset=null",
+        "data.val_source=null",
+        f"reward.fn={Path(__file__).resolve()}:digit_share",
+        f"rollout.max_new_tokens={max_new_tokens}",
+        "trainer.max_steps=2",
+        "eval.every_n_steps=2",
+        "eval.k=2",
+        "checkpoint.every_n_steps=0",
+        "checkpoint.keep_last=1",
+        f"output_dir={out}",
+        f"trainer.accelerator={'cpu' if cpu else 'gpu'}",
+        f"trainer.devices={processes}",
+        f"trainer.strategy={strategy}",
+        *small,
+        *extra,
+    ]
 
 
 def worker(args) -> int:
@@ -100,9 +145,15 @@ def worker(args) -> int:
                 return
             logs = pl_module.last_logs
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-            row = {"variant": args.variant, "step": pl_module.rollout_step, "loss": logs["train/loss"],
-                   "grad_norm": logs["train/grad_norm"], "tokens_per_s": logs["train/tokens_per_second"],
-                   "peak_gib": peak, "reward": logs.get("train/reward")}
+            row = {
+                "variant": args.variant,
+                "step": pl_module.rollout_step,
+                "loss": logs["train/loss"],
+                "grad_norm": logs["train/grad_norm"],
+                "tokens_per_s": logs["train/tokens_per_second"],
+                "peak_gib": peak,
+                "reward": logs.get("train/reward"),
+            }
             print("RESULT " + json.dumps(row), flush=True)
 
     build = train_main.build_trainer
@@ -148,9 +199,19 @@ def main() -> int:
             if VARIANTS[name][0] > slots:
                 print(f"[skip] {name}: needs {VARIANTS[name][0]} GPUs, this machine has {slots}", flush=True)
                 continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--variant", name, "--model", str(model),
-                   "--out", str(Path(tmp) / name), "--max-new-tokens", str(args.max_new_tokens)] + \
-                  (["--cpu"] if args.cpu else [])
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                "--variant",
+                name,
+                "--model",
+                str(model),
+                "--out",
+                str(Path(tmp) / name),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+            ] + (["--cpu"] if args.cpu else [])
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
             seconds = time.perf_counter() - start
@@ -160,12 +221,17 @@ def main() -> int:
                 print(f"[FAIL] {name} (exit {proc.returncode}):\n{proc.stderr[-4000:]}", flush=True)
                 continue
             for row in got:
-                print(f"[ok] {name} step {row['step']}: loss {row['loss']:+.3e}  grad_norm {row['grad_norm']:.4f}  "
-                      f"tokens/s {row['tokens_per_s']:.0f}  peak GPU memory {row['peak_gib']:.2f} GiB", flush=True)
+                print(
+                    f"[ok] {name} step {row['step']}: loss {row['loss']:+.3e}  grad_norm {row['grad_norm']:.4f}  "
+                    f"tokens/s {row['tokens_per_s']:.0f}  peak GPU memory {row['peak_gib']:.2f} GiB",
+                    flush=True,
+                )
             rows += got
             print(f"     ({seconds:.0f} s including start-up and validation)", flush=True)
-    print(f"gpu_check: {len(names) - len(failed)} variant(s) run or skipped, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))
+    print(
+        f"gpu_check: {len(names) - len(failed)} variant(s) run or skipped, {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

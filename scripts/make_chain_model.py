@@ -93,8 +93,12 @@ def noisy_teacher_loss(
 
 @torch.no_grad()
 def sampled_accuracy(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, problems: list[dict], k: int,
-    temperature: float = 1.0, batch: int = 64,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[dict],
+    k: int,
+    temperature: float = 1.0,
+    batch: int = 64,
 ) -> tuple[float, list[int], dict[int, float]]:
     """(avg@k accuracy, sampled response lengths in tokens incl. eos, accuracy by operand count)."""
     model.eval()
@@ -126,8 +130,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--noise", type=float, default=0.0, help="sum-digit probability of a uniform random digit")
-    ap.add_argument("--clean_frac", type=float, default=1.0,
-                    help="first fraction of steps trained without noise, then --noise")
+    ap.add_argument(
+        "--clean_frac", type=float, default=1.0, help="first fraction of steps trained without noise, then --noise"
+    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--eval_every", type=int, default=100)
@@ -139,14 +144,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_char_tokenizer()
-    arch = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **arch)
+    arch = {
+        "hidden_size": args.hidden,
+        "intermediate_size": 2 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+    }
+    config = tiny_llama_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **arch,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(  # the policy's defaults: plain temperature-1.0 sampling
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
         max_new_tokens=MAX_NEW_TOKENS,
     )
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
@@ -155,7 +176,11 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 10%
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        ),
+    )
     val = [chain_validation_problem(args.seed, i) for i in range(48)]
     t0 = time.time()
     for step in range(min(args.stop_at, args.steps)):
@@ -173,10 +198,12 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0:
             with torch.random.fork_rng():
                 acc, lengths, by_n = sampled_accuracy(model, tokenizer, val, k=args.eval_k)
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  noise {noise}  val avg@{args.eval_k} (T=1) {acc:.3f}  "
-                  f"len {min(lengths)}-{max(lengths)} mean {sum(lengths) / len(lengths):.0f}  "
-                  f"by operands {' '.join(f'{n}:{a:.2f}' for n, a in by_n.items())}  {time.time() - t0:.0f}s",
-                  flush=True)
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.4f}  noise {noise}  val avg@{args.eval_k} (T=1) {acc:.3f}  "
+                f"len {min(lengths)}-{max(lengths)} mean {sum(lengths) / len(lengths):.0f}  "
+                f"by operands {' '.join(f'{n}:{a:.2f}' for n, a in by_n.items())}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
         if args.save_every and (step + 1) % args.save_every == 0:
             model.save_pretrained(args.out / f"step-{step + 1}", safe_serialization=True)
             tokenizer.save_pretrained(args.out / f"step-{step + 1}")
@@ -187,8 +214,10 @@ def main() -> None:
     final_val = [chain_validation_problem(args.seed + 1, i) for i in range(128)]
     torch.manual_seed(args.seed)
     acc, lengths, by_n = sampled_accuracy(model, tokenizer, final_val, k=4)
-    print(f"saved to {args.out}  final val avg@4 (T=1.0) {acc:.3f}  by operands "
-          f"{' '.join(f'{n}:{a:.2f}' for n, a in by_n.items())}  lengths {min(lengths)}-{max(lengths)}")
+    print(
+        f"saved to {args.out}  final val avg@4 (T=1.0) {acc:.3f}  by operands "
+        f"{' '.join(f'{n}:{a:.2f}' for n, a in by_n.items())}  lengths {min(lengths)}-{max(lengths)}"
+    )
 
 
 if __name__ == "__main__":

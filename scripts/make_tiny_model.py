@@ -36,8 +36,7 @@ from kpo_lightning.tiny_models import tiny_llama_config
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 # The shipped architecture: ~0.8M parameters, ~3 MB in float32.
-ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4)
+ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 
 
 def make_batch(
@@ -88,8 +87,12 @@ def noisy_teacher_loss(
 
 @torch.no_grad()
 def sampled_accuracy(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, problems: list[dict], k: int,
-    max_new_tokens: int = 12, do_sample: bool = True,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[dict],
+    k: int,
+    max_new_tokens: int = 12,
+    do_sample: bool = True,
 ) -> tuple[float, float]:
     """(avg@k accuracy, share of completions with a parsable \\boxed{}) at temperature 1.0 (or greedy)."""
     model.eval()
@@ -112,8 +115,12 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--noise", type=float, default=0.45, help="per-digit probability of a uniform random digit")
-    ap.add_argument("--clean_frac", type=float, default=0.6,
-                    help="first fraction of steps trained without noise (learn addition), then --noise (calibrate)")
+    ap.add_argument(
+        "--clean_frac",
+        type=float,
+        default=0.6,
+        help="first fraction of steps trained without noise (learn addition), then --noise (calibrate)",
+    )
     ap.add_argument("--max_operand", type=int, default=99)
     ap.add_argument("--eval_every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
@@ -123,8 +130,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = build_char_tokenizer()
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **ARCH)
+    config = tiny_llama_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **ARCH,
+    )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M")
@@ -142,8 +154,9 @@ def main() -> None:
     t0 = time.time()
     for step in range(args.steps):
         model.train()
-        problems = [arithmetic_problem(args.seed, step * args.batch_size + i, args.max_operand)
-                    for i in range(args.batch_size)]
+        problems = [
+            arithmetic_problem(args.seed, step * args.batch_size + i, args.max_operand) for i in range(args.batch_size)
+        ]
         ids, attn, labels, digit_mask = make_batch(tokenizer, problems, bos_prob=0.1, rng=rng)
         logits = model(input_ids=ids, attention_mask=attn).logits
         noise = 0.0 if step < args.clean_frac * args.steps else args.noise
@@ -156,12 +169,20 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             greedy, _ = sampled_accuracy(model, tokenizer, val, k=1, do_sample=False)
             acc, fmt = sampled_accuracy(model, tokenizer, val[:64], k=8)
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  val greedy {greedy:.3f}  val avg@8 (T=1) {acc:.3f}"
-                  f"  boxed {fmt:.3f}  {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.4f}  val greedy {greedy:.3f}  val avg@8 (T=1) {acc:.3f}"
+                f"  boxed {fmt:.3f}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
 
     model.generation_config = GenerationConfig(  # the policy's defaults: plain temperature-1.0 sampling
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
         max_new_tokens=12,
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,18 @@ def main() -> None:
         torch.manual_seed(args.seed)
         outs, truncated, lengths, t0 = [], 0, [], time.time()
         for i in range(0, len(texts), args.batch):
-            enc = tok(texts[i:i + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(texts[i : i + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                gen = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                                     max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
+                gen = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=args.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=args.max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
             print(f"    batch {i // args.batch + 1}: {time.time() - t0:.0f}s", flush=True)
             for row in new:
                 ended = (row == tok.eos_token_id).nonzero()
@@ -63,10 +70,13 @@ def main() -> None:
         boxed = sum(extract_boxed(o) is not None for o in outs) / len(outs)
         per_prompt = torch.tensor([score("", o, a) for o, a in zip(outs, answers)]).view(-1, args.k)
         mixed = ((per_prompt.min(1).values == 0) & (per_prompt.max(1).values == 1)).float().mean().item()
-        print(f"template={template!r} system={args.system!r} max_operand={args.max_operand}: "
-              f"lenient_acc={lenient:.3f} boxed_frac={boxed:.3f} mixed_groups={mixed:.2f} "
-              f"truncated={truncated / len(outs):.2f} mean_len={sum(lengths) / len(lengths):.1f} "
-              f"T={args.temperature} ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"template={template!r} system={args.system!r} max_operand={args.max_operand}: "
+            f"lenient_acc={lenient:.3f} boxed_frac={boxed:.3f} mixed_groups={mixed:.2f} "
+            f"truncated={truncated / len(outs):.2f} mean_len={sum(lengths) / len(lengths):.1f} "
+            f"T={args.temperature} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
         for o, a in list(zip(outs, answers))[: args.show]:
             print(f"    [{a}] {o!r}")
 

@@ -62,8 +62,9 @@ def test_tokenizer_round_trip_and_save_load(char_tokenizer, tmp_path):
     tok = char_tokenizer
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert tok.padding_side == "left"
-    strings = [arithmetic_problem(0, i)["prompt"] + format_completion(arithmetic_problem(0, i)["answer"])
-               for i in range(50)] + ["What is 12 - 3?  ok", "\\boxed{-7}", "a*b=c"]
+    strings = [
+        arithmetic_problem(0, i)["prompt"] + format_completion(arithmetic_problem(0, i)["answer"]) for i in range(50)
+    ] + ["What is 12 - 3?  ok", "\\boxed{-7}", "a*b=c"]
     for s in strings:
         ids = tok.encode(s)
         assert len(ids) == len(s)  # one token per character, nothing added
@@ -75,8 +76,7 @@ def test_tokenizer_round_trip_and_save_load(char_tokenizer, tmp_path):
     assert loaded.padding_side == "left" and loaded.eos_token_id == tok.eos_token_id
     for s in strings:
         assert loaded.encode(s) == tok.encode(s)
-    chat = loaded.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
-                                      add_generation_prompt=True)
+    chat = loaded.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True)
     assert chat == "1+2="
 
 
@@ -104,6 +104,6 @@ def test_shipped_asset_loads_and_answers_in_boxed_format():
     batch = tok([p["prompt"] for p in problems], return_tensors="pt", padding=True)
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=False, max_new_tokens=12)
-    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert all(t.startswith("\\boxed{") and t.endswith("}") for t in texts), texts
     assert sum(exact_match_reward(t, p["answer"]) for t, p in zip(texts, problems)) >= 12  # greedy mostly right

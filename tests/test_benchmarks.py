@@ -23,9 +23,26 @@ def test_machine_line_names_cpu_cores_threads_and_load():
 
 
 def test_filter_speed_prints_machine_and_spread_per_thread_count():
-    proc = subprocess.run([sys.executable, "benchmarks/filter_speed.py", "--quick", "--repeats", "3", "--batch", "4",
-                           "--tokens", "64", "--threads", "1", "2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/filter_speed.py",
+            "--quick",
+            "--repeats",
+            "3",
+            "--batch",
+            "4",
+            "--tokens",
+            "64",
+            "--threads",
+            "1",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert [int(t) for t in re.findall(r"^machine: .* at (\d+) threads", out, re.M)] == [1, 2]

@@ -162,8 +162,7 @@ def test_chain_config_errors(capsys, override, needles):
 def test_preset_selects_the_task_and_model(capsys):
     assert main(["preset=chain", "--print-config"]) == 0
     out = capsys.readouterr().out
-    for needle in ("source: chain", "name_or_path: tiny-chain", "chain_curriculum_prompts: 160",
-                   "max_new_tokens: 160"):
+    for needle in ("source: chain", "name_or_path: tiny-chain", "chain_curriculum_prompts: 160", "max_new_tokens: 160"):
         assert needle in out, needle
 
 
@@ -192,7 +191,7 @@ def test_shipped_asset_loads_round_trips_and_generates():
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=False, max_new_tokens=160)
     assert out.shape[0] == 8 and out.shape[1] - batch["input_ids"].shape[1] <= 160
-    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     # greedy traces have the task's shape: steps joined by ';' and a boxed answer at the end
     assert all(t.endswith("}") and "\\boxed{" in t and t.count(";") >= 3 for t in texts), texts
 
@@ -201,9 +200,20 @@ def test_preset_trains_a_few_steps_with_long_responses(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    code = main(["preset=chain", f"output_dir={out}", "trainer.max_steps=2", "data.prompts_per_step=4",
-                 "optim.num_minibatches=2", "data.val_size=4", "eval.every_n_steps=2", "eval.k=1",
-                 "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0"])
+    code = main(
+        [
+            "preset=chain",
+            f"output_dir={out}",
+            "trainer.max_steps=2",
+            "data.prompts_per_step=4",
+            "optim.num_minibatches=2",
+            "data.val_size=4",
+            "eval.every_n_steps=2",
+            "eval.k=1",
+            "log.samples_every_n_steps=0",
+            "log.ratio_plot_every_n_steps=0",
+        ]
+    )
     assert code == 0 and (out / "final" / "model.safetensors").exists()
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()

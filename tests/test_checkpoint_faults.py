@@ -25,15 +25,28 @@ def setup(tmp_path_factory):
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"model.name_or_path={root / 'model'}", f"output_dir={out}", f"reward.fn={root / 'reward.py'}:reward",
-        "data.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=4", "optim.num_minibatches=1",
-        "eval.every_n_steps=0", "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0", *extra,
+        f"model.name_or_path={root / 'model'}",
+        f"output_dir={out}",
+        f"reward.fn={root / 'reward.py'}:reward",
+        "data.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=4",
+        "optim.num_minibatches=1",
+        "eval.every_n_steps=0",
+        "log.samples_every_n_steps=0",
+        "log.ratio_plot_every_n_steps=0",
+        *extra,
     ]
 
 
 def fake_checkpoint(step: int) -> dict:
-    return {"state_dict": {"w": torch.zeros(2)}, "optimizer_states": [], "lr_schedulers": [], "loops": {},
-            "kpo": {"rollout_step": step}}
+    return {
+        "state_dict": {"w": torch.zeros(2)},
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "loops": {},
+        "kpo": {"rollout_step": step},
+    }
 
 
 def test_checkpoint_problem_names_each_fault(tmp_path):
@@ -86,7 +99,10 @@ def test_all_checkpoints_damaged_stops_with_one_line_or_starts_fresh_if_asked(se
     printed = capsys.readouterr().out
     assert "skipped step-000004.ckpt" in printed and "starting fresh" in printed
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "step-000001.ckpt", "step-000002.ckpt.damaged", "step-000004.ckpt.damaged"]
+        "step-000001.ckpt",
+        "step-000002.ckpt.damaged",
+        "step-000004.ckpt.damaged",
+    ]
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["zero-byte", "truncated"])
@@ -137,8 +153,10 @@ def test_too_little_free_space_is_found_before_writing(setup, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "Traceback" in err  # debug=true shows where
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"error: could not save checkpoint step-000001.ckpt in {out / 'checkpoints'}: "
-                           "not enough free space (free there: 1.0 kB, a checkpoint needs about ")
+    assert line.startswith(
+        f"error: could not save checkpoint step-000001.ckpt in {out / 'checkpoints'}: "
+        "not enough free space (free there: 1.0 kB, a checkpoint needs about "
+    )
     assert list((out / "checkpoints").iterdir()) == []
 
 

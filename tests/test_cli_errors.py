@@ -134,10 +134,10 @@ def test_preset_dir_holds_the_users_own_presets(capsys, tmp_path):
 
 
 def test_preset_dir_errors(capsys, tmp_path):
-    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path / 'nope'}", "preset=x"),
-                          "preset_dir", str(tmp_path / "nope"))
-    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=x"),
-                          "preset='x'", "preset_dir", "paper")
+    assert_one_line_error(
+        *run_main(capsys, f"preset_dir={tmp_path / 'nope'}", "preset=x"), "preset_dir", str(tmp_path / "nope")
+    )
+    assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=x"), "preset='x'", "preset_dir", "paper")
     assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}"), "preset_dir", "preset=NAME")
     (tmp_path / "loop.yaml").write_text("preset: paper\n")
     assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=loop"), "loop.yaml", "preset")

@@ -104,10 +104,15 @@ def test_json_variants_and_nested_keys(tmp_path):
     for path in (columns, wrapped, lines):
         (batch,) = take(PromptDataModule(file_cfg(path, prompts_per_step=2, shuffle=False)), 1)
         assert batch == {"prompt": ["a", "b"], "answer": ["1", "2"]}
-    nested = write(tmp_path / "nested.jsonl", [
-        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "x?"}],
-         "reward_model": {"ground_truth": "7"}},
-    ])
+    nested = write(
+        tmp_path / "nested.jsonl",
+        [
+            {
+                "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "x?"}],
+                "reward_model": {"ground_truth": "7"},
+            },
+        ],
+    )
     cfg = DataConfig(source=str(nested), answer_key="reward_model.ground_truth", val_size=0, prompts_per_step=1)
     assert take(PromptDataModule(cfg), 1) == [{"prompt": ["x?"], "answer": ["7"]}]
 
@@ -202,8 +207,15 @@ def test_resume_under_lightning_trainer_does_not_lose_the_prefetched_batch(tmp_p
 
     def trainer(steps: int) -> pl.Trainer:
         return pl.Trainer(
-            max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
         )
 
     path = write(tmp_path / "data.jsonl", RECORDS[:7])
@@ -229,8 +241,14 @@ def test_chat_template_applied():
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    cfg = DataConfig(source="arithmetic", chat_template=True, system_prompt="Be brief.",
-                     prompt_template="Compute {prompt}", prompts_per_step=2, val_size=1)
+    cfg = DataConfig(
+        source="arithmetic",
+        chat_template=True,
+        system_prompt="Be brief.",
+        prompt_template="Compute {prompt}",
+        prompts_per_step=2,
+        val_size=1,
+    )
     dm = PromptDataModule(cfg, word_tokenizer(template), seed=0)
     (batch,) = take(dm, 1)
     from kpo_lightning.arithmetic import arithmetic_problem
@@ -244,18 +262,27 @@ def test_chat_template_applied():
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
-    records = [{"question": "short one", "solution": 1}, {"question": "w " * 30, "solution": 2},
-               {"question": "short two", "solution": 3}, {"question": "x " * 30, "solution": 4}]
+    records = [
+        {"question": "short one", "solution": 1},
+        {"question": "w " * 30, "solution": 2},
+        {"question": "short two", "solution": 3},
+        {"question": "x " * 30, "solution": 4},
+    ]
     path = write(tmp_path / "mixed.jsonl", [{"question": "y " * 30, "solution": 0}] + records)
-    dm = PromptDataModule(file_cfg(path, val_size=1, prompts_per_step=2, shuffle=False, max_prompt_tokens=5),
-                          word_tokenizer())
+    dm = PromptDataModule(
+        file_cfg(path, val_size=1, prompts_per_step=2, shuffle=False, max_prompt_tokens=5), word_tokenizer()
+    )
     batches = take(dm, 3)
     assert all(b["prompt"] == ["short one", "short two"] for b in batches)
     assert dm.num_skipped_long == 5  # w, x in epochs 1-2; w in epoch 3 (its batch ends before x)
     assert dm.val_prompts() == [] and dm.num_skipped_long_val == 1
     # without a tokenizer there is no length check
     assert take(PromptDataModule(file_cfg(path, val_size=1, prompts_per_step=4, shuffle=False)), 1)[0]["answer"] == [
-        "1", "2", "3", "4"]
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
 
 
 def test_every_prompt_too_long_is_an_input_error(tmp_path):
@@ -279,8 +306,9 @@ def test_streaming_dataset_holds_out_val_and_resumes(tmp_path, monkeypatch):
         return real_load("json", data_files=str(path), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    cfg = DataConfig(source="someone/some-data", prompt_key="question", answer_key="solution", val_size=2,
-                     prompts_per_step=3)
+    cfg = DataConfig(
+        source="someone/some-data", prompt_key="question", answer_key="solution", val_size=2, prompts_per_step=3
+    )
     dm = PromptDataModule(cfg, seed=1)
     assert [r["answer"] for r in dm.val_prompts()] == ["0", "2"]
     full = take(dm, 8)  # 24 prompts over 7 training records: crosses epochs
@@ -305,8 +333,17 @@ def test_hub_val_source_uses_its_own_subset_and_split(tmp_path, monkeypatch):
         return real_load("json", data_files=str(path), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    cfg = DataConfig(source="org/train-set", subset="en", split="train", val_source="org/eval-set", val_split="test",
-                     prompt_key="question", answer_key="solution", val_size=2, prompts_per_step=3)
+    cfg = DataConfig(
+        source="org/train-set",
+        subset="en",
+        split="train",
+        val_source="org/eval-set",
+        val_split="test",
+        prompt_key="question",
+        answer_key="solution",
+        val_size=2,
+        prompts_per_step=3,
+    )
     dm = PromptDataModule(cfg, seed=1)
     assert len(dm.val_prompts()) == 2
     take(dm, 1)

@@ -17,17 +17,24 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_gradient.py"
 
 def grads(out: Path, world: int, loss: str, agg: str, *extra: str) -> list[dict]:
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), loss, agg, *extra],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(world), loss, agg, *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"grads-rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("loss, agg, extra", [
-    ("kpo", "seq-mean-token-mean", ()),
-    # two optimizer steps per rollout (the second off-policy) and two micro-batches per step (no_sync path)
-    ("grpo", "token-mean", ("num_minibatches=2", "micro_batch_size=2")),
-])
+@pytest.mark.parametrize(
+    "loss, agg, extra",
+    [
+        ("kpo", "seq-mean-token-mean", ()),
+        # two optimizer steps per rollout (the second off-policy) and two micro-batches per step (no_sync path)
+        ("grpo", "token-mean", ("num_minibatches=2", "micro_batch_size=2")),
+    ],
+)
 def test_two_process_gradient_equals_single_process(tmp_path, loss, agg, extra):
     (single,) = grads(tmp_path / "one", 1, loss, agg, *extra)
     rank0, rank1 = grads(tmp_path / "two", 2, loss, agg, *extra)
@@ -37,7 +44,6 @@ def test_two_process_gradient_equals_single_process(tmp_path, loss, agg, extra):
     for name in single:
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6 * scale)
         torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0)
-
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +102,20 @@ def test_two_process_logs_are_the_whole_runs_values(tmp_path):
         if name != "train/num_tokens":
             assert own0[name] != pytest.approx(logs[name], rel=1e-6), f"{name}: rank 0's own value"
     # One process on the whole rollout logs the same values (measured relative difference <= 6.6e-7, ratio_var_raw).
-    for name in ("train/reward", "train/reward_std", "train/entropy", "train/loss", "train/num_tokens",
-                 "train/clip_frac_low", "train/clip_frac_high", "train/ratio_mean_raw", "train/ratio_var_raw",
-                 "train/ratio_mean_filtered", "train/ratio_var_filtered", "train/switch_freq_raw",
-                 "train/switch_freq_filtered", "train/grad_norm"):
+    for name in (
+        "train/reward",
+        "train/reward_std",
+        "train/entropy",
+        "train/loss",
+        "train/num_tokens",
+        "train/clip_frac_low",
+        "train/clip_frac_high",
+        "train/ratio_mean_raw",
+        "train/ratio_var_raw",
+        "train/ratio_mean_filtered",
+        "train/ratio_var_filtered",
+        "train/switch_freq_raw",
+        "train/switch_freq_filtered",
+        "train/grad_norm",
+    ):
         assert logs[name] == pytest.approx(single["logs"][name], rel=2e-6), name

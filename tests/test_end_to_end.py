@@ -23,8 +23,14 @@ def test_module_in_a_users_own_trainer(char_tokenizer, tiny_model, tmp_path):
     )
     data = PromptDataModule(DataConfig(source="arithmetic", prompts_per_step=4, val_size=8), tokenizer=char_tokenizer)
     before = [p.detach().clone() for p in tiny_model.parameters()]
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu",
-                         logger=pl.loggers.TensorBoardLogger(tmp_path), enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=pl.loggers.TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=data)
     assert module.rollout_step == 3
     assert trainer.global_step == 3 * 2  # one optimizer step per mini-batch
@@ -43,20 +49,46 @@ def test_run_py_few_steps_writes_tensorboard_and_final_model(char_tokenizer, tin
     tiny_model.save_pretrained(model_dir)
     char_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    code = main([
-        f"model.name_or_path={model_dir}", f"output_dir={out}", "trainer.max_steps=4",
-        "data.prompts_per_step=4", "data.val_size=8", "rollout.num_generations=4", "rollout.max_new_tokens=6",
-        "optim.num_minibatches=2", "optim.lr=1e-3", "eval.every_n_steps=2", "eval.k=2", "checkpoint.every_n_steps=2",
-        "log.samples_every_n_steps=2", "log.ratio_plot_every_n_steps=2",
-    ])
+    code = main(
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "trainer.max_steps=4",
+            "data.prompts_per_step=4",
+            "data.val_size=8",
+            "rollout.num_generations=4",
+            "rollout.max_new_tokens=6",
+            "optim.num_minibatches=2",
+            "optim.lr=1e-3",
+            "eval.every_n_steps=2",
+            "eval.k=2",
+            "checkpoint.every_n_steps=2",
+            "log.samples_every_n_steps=2",
+            "log.ratio_plot_every_n_steps=2",
+        ]
+    )
     assert code == 0
     assert (out / "config.yaml").exists()
     scalars, acc = _scalars(out / "tensorboard")
-    for tag in ["train/reward", "train/ratio_var_raw", "train/ratio_var_filtered", "train/ratio_mean_raw",
-                "train/ratio_mean_filtered", "train/switch_freq_raw",
-                "train/switch_freq_filtered", "train/clip_frac", "train/reward_std", "train/zero_var_group_frac",
-                "train/response_length", "train/loss", "train/entropy", "train/grad_norm", "train/lr",
-                "train/tokens_per_second", "val/accuracy"]:
+    for tag in [
+        "train/reward",
+        "train/ratio_var_raw",
+        "train/ratio_var_filtered",
+        "train/ratio_mean_raw",
+        "train/ratio_mean_filtered",
+        "train/switch_freq_raw",
+        "train/switch_freq_filtered",
+        "train/clip_frac",
+        "train/reward_std",
+        "train/zero_var_group_frac",
+        "train/response_length",
+        "train/loss",
+        "train/entropy",
+        "train/grad_norm",
+        "train/lr",
+        "train/tokens_per_second",
+        "val/accuracy",
+    ]:
         assert tag in scalars, (tag, sorted(scalars))
     assert [s for s, _ in scalars["train/reward"]] == [1, 2, 3, 4]  # one point per rollout step
     assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]  # before training and every 2 steps
@@ -72,17 +104,29 @@ def test_export_a_checkpoint_to_a_hf_folder(char_tokenizer, tiny_model, tmp_path
     from kpo_lightning.export import load_policy_weights, save_hf_folder
     from kpo_lightning.tiny_models import build_tiny_random_model
 
-    module = KPOModule(tiny_model, char_tokenizer, optim=OptimConfig(lr=1e-2, num_minibatches=2),
-                       rollout=RolloutConfig(num_generations=4, max_new_tokens=6),
-                       reward_fn=lambda prompt, completion, answer: float(len(completion) % 2))
+    module = KPOModule(
+        tiny_model,
+        char_tokenizer,
+        optim=OptimConfig(lr=1e-2, num_minibatches=2),
+        rollout=RolloutConfig(num_generations=4, max_new_tokens=6),
+        reward_fn=lambda prompt, completion, answer: float(len(completion) % 2),
+    )
     data = PromptDataModule(DataConfig(prompts_per_step=4, val_size=4), tokenizer=char_tokenizer)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[RolloutCheckpoint(tmp_path / "ckpt", every_n_steps=2)])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[RolloutCheckpoint(tmp_path / "ckpt", every_n_steps=2)],
+    )
     trainer.fit(module, datamodule=data)
     fresh = build_tiny_random_model(char_tokenizer, seed=123)
-    out = save_hf_folder(load_policy_weights(fresh, tmp_path / "ckpt" / "step-000002.ckpt"), char_tokenizer,
-                         tmp_path / "exported")
+    out = save_hf_folder(
+        load_policy_weights(fresh, tmp_path / "ckpt" / "step-000002.ckpt"), char_tokenizer, tmp_path / "exported"
+    )
     loaded = AutoModelForCausalLM.from_pretrained(out)
     for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

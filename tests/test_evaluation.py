@@ -32,18 +32,30 @@ def test_eval_mode_per_dataset_with_benchmark_layouts(tmp_path, char_tokenizer, 
     math500 = tmp_path / "math500.jsonl"  # MATH-500 layout: problem / answer
     math500.write_text("".join(json.dumps({"problem": f"{i}+1=", "answer": "42", "level": 1}) + "\n" for i in range(4)))
     gsm8k = tmp_path / "gsm8k.jsonl"  # GSM8K layout: question / answer ending in "#### N"
-    gsm8k.write_text("".join(
-        json.dumps({"question": f"{i}*2=", "answer": f"Some steps.\n#### {42 if i % 2 else '1,042'}"}) + "\n"
-        for i in range(4)))
+    gsm8k.write_text(
+        "".join(
+            json.dumps({"question": f"{i}*2=", "answer": f"Some steps.\n#### {42 if i % 2 else '1,042'}"}) + "\n"
+            for i in range(4)
+        )
+    )
     aime = tmp_path / "aime.jsonl"  # AIME 2024 dump layout: Problem / Answer
     aime.write_text("".join(json.dumps({"ID": i, "Problem": f"{i}-1=", "Answer": 7}) + "\n" for i in range(2)))
     reward = tmp_path / "reward.py"
     reward.write_text("def fn(prompt, completion, answer, **kw):\n    return 1.0 if answer == '42' else 0.0\n")
 
     out = tmp_path / "eval"
-    code = main(["mode=eval", f"model.name_or_path={model_dir}", f"data.source={math500},{gsm8k},{aime}",
-                 "eval.k=3", "rollout.max_new_tokens=4", f"reward.fn={reward}:fn", f"output_dir={out}",
-                 "data.val_size=64"])
+    code = main(
+        [
+            "mode=eval",
+            f"model.name_or_path={model_dir}",
+            f"data.source={math500},{gsm8k},{aime}",
+            "eval.k=3",
+            "rollout.max_new_tokens=4",
+            f"reward.fn={reward}:fn",
+            f"output_dir={out}",
+            "data.val_size=64",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results[str(math500)]["accuracy"] == 1.0 and results[str(math500)]["pass@3"] == 1.0

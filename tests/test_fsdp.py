@@ -25,9 +25,11 @@ from ddp_gradient import main as one_update  # noqa: E402
 
 
 def results(out: Path, rank: int) -> dict:
-    return {"grads": torch.load(out / f"grads-rank{rank}.pt") if (out / f"grads-rank{rank}.pt").exists() else None,
-            "weights": torch.load(out / f"weights-rank{rank}.pt"),
-            **json.loads((out / f"run-rank{rank}.json").read_text())}
+    return {
+        "grads": torch.load(out / f"grads-rank{rank}.pt") if (out / f"grads-rank{rank}.pt").exists() else None,
+        "weights": torch.load(out / f"weights-rank{rank}.pt"),
+        **json.loads((out / f"run-rank{rank}.json").read_text()),
+    }
 
 
 def single(out: Path, loss: str, agg: str, **extra) -> dict:
@@ -39,18 +41,22 @@ def single(out: Path, loss: str, agg: str, **extra) -> dict:
 def fsdp_pair(out: Path, loss: str, agg: str, **extra) -> list[dict]:
     out.mkdir()
     args = [f"{k}={v}" for k, v in {"strategy": "fsdp", **extra}.items()]
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "2", loss, agg, *args],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "2", loss, agg, *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [results(out, r) for r in range(2)]
 
 
-@pytest.mark.parametrize("loss, agg, extra", [
-    # one mini-batch, one micro-batch per process; no clipping; KL against the (sharded) reference
-    ("kpo", "seq-mean-token-mean", {"beta": 0.1}),
-    # two optimizer steps (the second off-policy), two micro-batches per step, clipping active (norm ~1 > 0.1)
-    ("grpo", "token-mean", {"num_minibatches": 2, "micro_batch_size": 2, "grad_clip": 0.1}),
-])
+@pytest.mark.parametrize(
+    "loss, agg, extra",
+    [
+        # one mini-batch, one micro-batch per process; no clipping; KL against the (sharded) reference
+        ("kpo", "seq-mean-token-mean", {"beta": 0.1}),
+        # two optimizer steps (the second off-policy), two micro-batches per step, clipping active (norm ~1 > 0.1)
+        ("grpo", "token-mean", {"num_minibatches": 2, "micro_batch_size": 2, "grad_clip": 0.1}),
+    ],
+)
 def test_two_fsdp_processes_equal_single_process(tmp_path, loss, agg, extra):
     one = single(tmp_path / "one", loss, agg, **extra)
     rank0, rank1 = fsdp_pair(tmp_path / "two", loss, agg, **extra)
@@ -104,8 +110,9 @@ def test_bf16_mixed_fsdp_keeps_float32_shards_and_a_close_gradient(tmp_path):
 def test_nonfinite_loss_on_one_process_skips_the_step_on_all_bf16_true(tmp_path):
     """Rank 1's loss is NaN (its gradient finite): both processes skip. Run under bf16-true with a KL reference,
     so FSDP's bf16-true path (weights and sharded reference in bfloat16, KL 0 at step 0) is covered too."""
-    rank0, rank1 = fsdp_pair(tmp_path / "two", "kpo", "seq-mean-token-mean", nan_loss_rank=1,
-                             precision="bf16-true", beta=0.1)
+    rank0, rank1 = fsdp_pair(
+        tmp_path / "two", "kpo", "seq-mean-token-mean", nan_loss_rank=1, precision="bf16-true", beta=0.1
+    )
     assert rank0["sharded"] == [True, True] and rank0["dtypes"] == ["torch.bfloat16"] * 2
     assert rank0["logs"]["train/kl"] == rank1["logs"]["train/kl"] == 0.0
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
@@ -124,10 +131,23 @@ def test_run_py_fsdp_two_cpu_processes_exports_a_loadable_model(tmp_path):
     from kpo_lightning.models import TINY_ARITH
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "run.py", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
-           "trainer.max_steps=2", "trainer.precision=bf16-mixed", "loss.beta=0.05", f"output_dir={out}",
-           "data.prompts_per_step=4", "rollout.num_generations=4", "optim.num_minibatches=1",
-           "data.val_size=4", "eval.every_n_steps=2", "eval.k=2"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=fsdp",
+        "trainer.max_steps=2",
+        "trainer.precision=bf16-mixed",
+        "loss.beta=0.05",
+        f"output_dir={out}",
+        "data.prompts_per_step=4",
+        "rollout.num_generations=4",
+        "optim.num_minibatches=1",
+        "data.val_size=4",
+        "eval.every_n_steps=2",
+        "eval.k=2",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
@@ -156,9 +176,22 @@ def test_run_py_fsdp_lora_generates_and_exports_the_merged_model(tmp_path):
     from kpo_lightning.models import TINY_ARITH
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "run.py", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
-           "trainer.max_steps=1", "model.lora.r=4", "optim.lr=1e-2", f"output_dir={out}", "data.prompts_per_step=4",
-           "rollout.num_generations=4", "optim.num_minibatches=1", "eval.every_n_steps=0", "data.val_size=4"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=fsdp",
+        "trainer.max_steps=1",
+        "model.lora.r=4",
+        "optim.lr=1e-2",
+        f"output_dir={out}",
+        "data.prompts_per_step=4",
+        "rollout.num_generations=4",
+        "optim.num_minibatches=1",
+        "eval.every_n_steps=0",
+        "data.val_size=4",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()

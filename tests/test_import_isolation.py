@@ -32,9 +32,9 @@ import importlib, json, sys
 loaded = {}
 for name in sys.argv[1:]:
     importlib.import_module("kpo_lightning." + name)
-    loaded[name] = sorted({key.split(".")[0] for key in sys.modules} & set(%r))
+    loaded[name] = sorted({key.split(".")[0] for key in sys.modules} & set(LIGHTNING_NAMES))
 print(json.dumps(loaded))
-""" % (LIGHTNING,)
+""".replace("LIGHTNING_NAMES", repr(LIGHTNING))
 
 
 def pure_modules() -> list[str]:

@@ -43,16 +43,32 @@ def installed(tmp_path_factory):
     shutil.copytree(ROOT / "kpo_lightning", src / "kpo_lightning", ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(tmp / "dist"), str(src)], cwd=tmp, env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        cwd=tmp,
+        env=env,
+    )
     (wheel,) = (tmp / "dist").glob("kpo_lightning-*.whl")
 
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp, env=env)
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
     # pip comes from the system site-packages; run by the venv's python it installs into the venv
-    run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        cwd=tmp, env=env)
+    run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=tmp, env=env
+    )
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return bin_dir, env, elsewhere, wheel
@@ -72,8 +88,9 @@ def test_wheel_ships_configs_presets_and_tiny_model(installed):
 
 def test_installed_wheel_is_what_runs(installed):
     bin_dir, env, elsewhere, _ = installed
-    where = run([str(bin_dir / "python"), "-c", "import kpo_lightning; print(kpo_lightning.__file__)"],
-                cwd=elsewhere, env=env).strip()
+    where = run(
+        [str(bin_dir / "python"), "-c", "import kpo_lightning; print(kpo_lightning.__file__)"], cwd=elsewhere, env=env
+    ).strip()
     assert Path(where).is_relative_to(bin_dir.parent), f"imported {where}, not the venv's wheel"
     version = run([str(bin_dir / "kpo-train"), "--version"], cwd=elsewhere, env=env)
     assert version.startswith("kpo-lightning ") and str(Path(where).parent) in version, version
@@ -83,21 +100,33 @@ def test_installed_print_config_and_presets(installed):
     bin_dir, env, elsewhere, _ = installed
     default = yaml.safe_load(run([str(bin_dir / "kpo-train"), "--print-config"], cwd=elsewhere, env=env))
     assert default["model"]["name_or_path"] == "tiny-arith"
-    paper = yaml.safe_load(run([str(bin_dir / "kpo-train"), "preset=paper", "--print-config"], cwd=elsewhere,
-                               env=env))
+    paper = yaml.safe_load(run([str(bin_dir / "kpo-train"), "preset=paper", "--print-config"], cwd=elsewhere, env=env))
     assert paper["model"]["name_or_path"] == "Qwen/Qwen3-4B" and paper["preset"] == "paper"
     mine = elsewhere / "my_presets"
     mine.mkdir()
     (mine / "short.yaml").write_text("trainer:\n  max_steps: 3\n")
-    short = yaml.safe_load(run([str(bin_dir / "kpo-train"), f"preset_dir={mine}", "preset=short", "--print-config"],
-                               cwd=elsewhere, env=env))
+    short = yaml.safe_load(
+        run(
+            [str(bin_dir / "kpo-train"), f"preset_dir={mine}", "preset=short", "--print-config"], cwd=elsewhere, env=env
+        )
+    )
     assert short["trainer"]["max_steps"] == 3
 
 
 def test_installed_default_job_trains_one_step(installed):
     """The shipped tiny-arith model and the arithmetic task load from the installed package."""
     bin_dir, env, elsewhere, _ = installed
-    out = run([str(bin_dir / "kpo-train"), "trainer.max_steps=1", "eval.every_n_steps=0", "output_dir=run",
-               "data.prompts_per_step=2", "rollout.num_generations=2", "optim.num_minibatches=1"],
-              cwd=elsewhere, env=env)
+    out = run(
+        [
+            str(bin_dir / "kpo-train"),
+            "trainer.max_steps=1",
+            "eval.every_n_steps=0",
+            "output_dir=run",
+            "data.prompts_per_step=2",
+            "rollout.num_generations=2",
+            "optim.num_minibatches=1",
+        ],
+        cwd=elsewhere,
+        env=env,
+    )
     assert "[kpo] kpo-lightning " in out and (elsewhere / "run" / "final" / "model.safetensors").exists()

@@ -15,7 +15,9 @@ from kpo_lightning.kalman import causal_kalman_filter, gains, kalman_filter_refe
 QV_VALUES = [1e-10, 1e-6, 1e-3, 1.0, 1e2]
 
 
-def reference_filter(z: torch.Tensor, mask: torch.Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0) -> torch.Tensor:
+def reference_filter(
+    z: torch.Tensor, mask: torch.Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0
+) -> torch.Tensor:
     """The spec's recursion (kpo_lightning.kalman.kalman_filter_reference) of these inputs, kept in float64."""
     return kalman_filter_reference(z.double(), mask, q, v, p0, x0)
 
@@ -63,7 +65,7 @@ def test_matches_reference(dtype: torch.dtype, qv: float, holes: bool) -> None:
         assert_close_to_reference(out, reference_filter(z, mask, q, v, p0, x0), mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def long_rows(qv: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two 65,536-token rows (one with every third token masked and right padding) and their reference."""
     g = torch.Generator().manual_seed(1)
@@ -148,7 +150,9 @@ def test_non_finite_valid_input_stays_in_its_row() -> None:
     torch.testing.assert_close(out[:3], ref[:3], rtol=0, atol=1e-13)
     assert torch.isnan(out[3, 150:]).all()
     for m in (mask, torch.ones_like(mask)):  # later calls: holes, and right padding
-        torch.testing.assert_close(causal_kalman_filter(z, m, 1e-3, 1.0), reference_filter(z, m, 1e-3, 1.0), rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            causal_kalman_filter(z, m, 1e-3, 1.0), reference_filter(z, m, 1e-3, 1.0), rtol=0, atol=1e-13
+        )
 
 
 def test_reference_by_hand() -> None:
@@ -216,7 +220,9 @@ def test_rows_are_independent() -> None:
     mask = random_mask(g, 6, 90, holes=True)
     full = causal_kalman_filter(z, mask, 1e-3, 1.0)
     for b in range(6):
-        torch.testing.assert_close(causal_kalman_filter(z[b : b + 1], mask[b : b + 1], 1e-3, 1.0)[0], full[b], rtol=0, atol=1e-14)
+        torch.testing.assert_close(
+            causal_kalman_filter(z[b : b + 1], mask[b : b + 1], 1e-3, 1.0)[0], full[b], rtol=0, atol=1e-14
+        )
 
 
 def test_no_gradient() -> None:

@@ -120,8 +120,9 @@ def test_module_sequence_logprobs_match_a_per_token_loop(char_tokenizer, tiny_mo
     from kpo_lightning import KPOModule
     from kpo_lightning.config import RolloutConfig
 
-    module = KPOModule(tiny_model, char_tokenizer, rollout=RolloutConfig(temperature=temperature),
-                       reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        tiny_model, char_tokenizer, rollout=RolloutConfig(temperature=temperature), reward_fn=lambda **kw: 0.0
+    )
     g = torch.Generator().manual_seed(0)
     prompt_lens, resp_lens, P, R = [5, 2, 3], [4, 1, 2], 5, 4  # rows 1, 2 left-padded; rows 1, 2 right-padded
     ids = torch.full((3, P + R), char_tokenizer.pad_token_id)

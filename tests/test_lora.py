@@ -30,14 +30,27 @@ def test_lora_trains_adapters_only_and_uses_base_as_reference(tmp_path):
     base = build_tiny_random_model(tok, seed=0)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     policy = apply_lora(base, ModelConfig(lora=LoraConfig(r=4, alpha=8)))
-    module = KPOModule(policy, tok, loss=LossConfig(type="kpo", beta=0.1),
-                       optim=OptimConfig(lr=5e-2, num_minibatches=2, warmup_ratio=0.0),
-                       rollout=RolloutConfig(num_generations=4, max_new_tokens=6), reward_fn=digit_reward)
+    module = KPOModule(
+        policy,
+        tok,
+        loss=LossConfig(type="kpo", beta=0.1),
+        optim=OptimConfig(lr=5e-2, num_minibatches=2, warmup_ratio=0.0),
+        rollout=RolloutConfig(num_generations=4, max_new_tokens=6),
+        reward_fn=digit_reward,
+    )
     assert module._reference == []  # no second copy of the model
     data = PromptDataModule(DataConfig(prompts_per_step=4, val_size=4), tokenizer=tok)
     kl = KLSeen()
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[kl])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[kl],
+    )
     trainer.fit(module, datamodule=data)
 
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}

@@ -282,8 +282,17 @@ def test_no_options_is_paper_defaults(loss_type):
     loss, grad, m = ours(loss_type, logp, old, adv, mask)
     loss2, grad2, m2 = ours(loss_type, logp, old, adv, mask, **LOSS_DEFAULTS[loss_type])
     # the trainer forwards every config field, None meaning "the paper's value"
-    nones = dict(clip_low=None, clip_high=None, dual_clip=None, kalman_q=None, kalman_v=None, kalman_p0=None,
-                 agg_norm_constant=None, normalizer=None, ref_logp=None)
+    nones = dict(
+        clip_low=None,
+        clip_high=None,
+        dual_clip=None,
+        kalman_q=None,
+        kalman_v=None,
+        kalman_p0=None,
+        agg_norm_constant=None,
+        normalizer=None,
+        ref_logp=None,
+    )
     loss3, grad3, _ = ours(loss_type, logp, old, adv, mask, **nones)
     assert loss == loss2 == loss3
     assert torch.equal(grad, grad2) and torch.equal(grad, grad3)

@@ -35,14 +35,24 @@ class PoisonGradients(pl.Callback):
 
 
 def fit(tmp_path, char_tokenizer, tiny_model, poison, steps, max_skipped=10):
-    module = KPOModule(tiny_model, char_tokenizer, optim=OptimConfig(lr=1e-2, num_minibatches=2, warmup_ratio=0.0,
-                                                                     max_skipped_steps=max_skipped),
-                       rollout=RolloutConfig(num_generations=4, max_new_tokens=6), reward_fn=digit_reward)
+    module = KPOModule(
+        tiny_model,
+        char_tokenizer,
+        optim=OptimConfig(lr=1e-2, num_minibatches=2, warmup_ratio=0.0, max_skipped_steps=max_skipped),
+        rollout=RolloutConfig(num_generations=4, max_new_tokens=6),
+        reward_fn=digit_reward,
+    )
     data = PromptDataModule(DataConfig(prompts_per_step=4, val_size=4), tokenizer=char_tokenizer)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[PoisonGradients(poison), RolloutCheckpoint(tmp_path / "ckpt", every_n_steps=1,
-                                                                               keep_last=10)])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[PoisonGradients(poison), RolloutCheckpoint(tmp_path / "ckpt", every_n_steps=1, keep_last=10)],
+    )
     return module, trainer, data
 
 

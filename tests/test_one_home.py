@@ -152,7 +152,9 @@ def test_weight_dtype_per_accepted_precision():
     from kpo_lightning.models import training_dtype, weight_dtype
 
     assert {p: weight_dtype(p) for p in PRECISIONS} == {
-        "32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16
+        "32-true": torch.float32,
+        "bf16-mixed": torch.float32,
+        "bf16-true": torch.bfloat16,
     }
     for precision in PRECISIONS:
         assert training_dtype("bfloat16", precision) == training_dtype("float32", precision) == weight_dtype(precision)
@@ -164,8 +166,13 @@ def test_readme_config_table_names_every_accepted_value():
 
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
     accepted = {
-        "mode": MODES, "loss.type": LOSS_TYPES, "loss.agg": AGG_MODES, "loss.kl_estimator": KL_ESTIMATORS,
-        "loss.advantage": ESTIMATORS, "trainer.strategy": STRATEGIES, "trainer.precision": PRECISIONS,
+        "mode": MODES,
+        "loss.type": LOSS_TYPES,
+        "loss.agg": AGG_MODES,
+        "loss.kl_estimator": KL_ESTIMATORS,
+        "loss.advantage": ESTIMATORS,
+        "trainer.strategy": STRATEGIES,
+        "trainer.precision": PRECISIONS,
     }
     for key, names in accepted.items():
         row = re.search(rf"^\| `{re.escape(key)}` \| .*$", readme, flags=re.MULTILINE)

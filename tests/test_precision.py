@@ -38,14 +38,27 @@ def test_module_gives_a_bf16_policy_float32_master_weights_under_bf16_mixed(caps
     """The Python API path (a user's own bf16 model and Trainer): the module converts, saying so once."""
     tok = build_char_tokenizer()
     model = build_tiny_random_model(tok, seed=0).to(torch.bfloat16)
-    module = KPOModule(model, tok, optim=OptimConfig(num_minibatches=1), rollout=RolloutConfig(num_generations=G),
-                       reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        model,
+        tok,
+        optim=OptimConfig(num_minibatches=1),
+        rollout=RolloutConfig(num_generations=G),
+        reward_fn=lambda **kw: 0.0,
+    )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}] * 2, batch_size=None)
     for _ in range(2):  # the second fit finds float32 weights: no second message
-        trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=1,
-                             limit_train_batches=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[FixedRollout(global_rollout(len(tok)))])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="bf16-mixed",
+            max_epochs=1,
+            limit_train_batches=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[FixedRollout(global_rollout(len(tok)))],
+        )
         trainer.fit(module, train_dataloaders=data)
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
     out = capsys.readouterr().out
@@ -57,13 +70,27 @@ def fraction_moved(precision: str, steps: int = 2) -> float:
     paper preset used to (model.dtype=bfloat16); the fraction of weight entries that changed."""
     model, tok = load_model_and_tokenizer(ModelConfig(dtype="bfloat16"), precision=precision)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    module = KPOModule(model, tok, loss=LossConfig(type="kpo_clipped"),
-                       optim=OptimConfig(lr=1e-6, num_minibatches=2, warmup_ratio=0.0),
-                       rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        model,
+        tok,
+        loss=LossConfig(type="kpo_clipped"),
+        optim=OptimConfig(lr=1e-6, num_minibatches=2, warmup_ratio=0.0),
+        rollout=RolloutConfig(num_generations=G),
+        reward_fn=lambda **kw: 0.0,
+    )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}] * steps, batch_size=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_train_batches=steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[FixedRollout(global_rollout(len(tok)))])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FixedRollout(global_rollout(len(tok)))],
+    )
     trainer.fit(module, train_dataloaders=data)
     moved = sum((p.detach() != before[n].to(p.dtype)).sum().item() for n, p in model.named_parameters())
     return moved / sum(p.numel() for p in model.parameters())
@@ -87,16 +114,19 @@ def test_reference_follows_policy_precision_kl_zero_at_step_zero(tmp_path, preci
     assert run["logs"]["train/kl"] == 0.0
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("strategy", "deepspeed_stage_2", "DeepSpeed is not supported"),
-    ("strategy", "deepspeed_stage_3", "DeepSpeed is not supported"),
-    ("strategy", "fsdp_cpu_offload", "use one of auto, ddp, fsdp"),
-    ("strategy", "ddp_spawn", "use one of auto, ddp, fsdp"),
-    ("precision", "16-mixed", "gradient scaler"),
-    ("precision", "16-true", "gradient scaler"),
-    ("precision", "bf16", "use one of 32-true, bf16-mixed, bf16-true"),
-    ("precision", "64-true", "use one of"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("strategy", "deepspeed_stage_2", "DeepSpeed is not supported"),
+        ("strategy", "deepspeed_stage_3", "DeepSpeed is not supported"),
+        ("strategy", "fsdp_cpu_offload", "use one of auto, ddp, fsdp"),
+        ("strategy", "ddp_spawn", "use one of auto, ddp, fsdp"),
+        ("precision", "16-mixed", "gradient scaler"),
+        ("precision", "16-true", "gradient scaler"),
+        ("precision", "bf16", "use one of 32-true, bf16-mixed, bf16-true"),
+        ("precision", "64-true", "use one of"),
+    ],
+)
 def test_untested_strategies_and_precisions_are_refused(key, value, needle):
     cfg = Config()
     setattr(cfg.trainer, key, value)

@@ -20,6 +20,7 @@ from kpo_lightning.module import KPOModule
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return write_tiny_run_inputs(tmp_path_factory.mktemp("resume"))
@@ -27,13 +28,23 @@ def setup(tmp_path_factory):
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"model.name_or_path={root / 'model'}", f"output_dir={out}", f"reward.fn={root / 'reward.py'}:reward",
-        "data.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=6",
-        "optim.num_minibatches=2", "optim.lr=3e-3", "optim.warmup_ratio=0", "log.samples_every_n_steps=0",
+        f"model.name_or_path={root / 'model'}",
+        f"output_dir={out}",
+        f"reward.fn={root / 'reward.py'}:reward",
+        "data.prompts_per_step=4",
+        "rollout.num_generations=4",
+        "rollout.max_new_tokens=6",
+        "optim.num_minibatches=2",
+        "optim.lr=3e-3",
+        "optim.warmup_ratio=0",
+        "log.samples_every_n_steps=0",
         "log.ratio_plot_every_n_steps=0",
         # validation every 2 steps: it draws from the global RNG (its DataLoader's seed), which a resume must
         # account for when the checkpoint was written after it (at the end, on SIGTERM)
-        "eval.every_n_steps=2", "data.val_size=4", "eval.k=2", *extra,
+        "eval.every_n_steps=2",
+        "data.val_size=4",
+        "eval.k=2",
+        *extra,
     ]
 
 
@@ -51,8 +62,12 @@ REF_STEPS = 8
 @pytest.fixture(scope="module")
 def reference(setup):
     out = setup / "reference"
-    assert main(args(setup, out, f"trainer.max_steps={REF_STEPS}", "checkpoint.every_n_steps=2",
-                     "checkpoint.keep_last=10")) == 0
+    assert (
+        main(
+            args(setup, out, f"trainer.max_steps={REF_STEPS}", "checkpoint.every_n_steps=2", "checkpoint.keep_last=10")
+        )
+        == 0
+    )
     return out
 
 
@@ -143,9 +158,13 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_end_then_resume_matches_uninterrupted_run(setup, reference):
     """SIGKILL in the middle of step 5 of 6 (checkpoints every 2 steps): resumed from step 4 to 8."""
     out = setup / "sigkill"
-    run = subprocess.run([sys.executable, "-c", KILLER, *args(setup, out, "trainer.max_steps=6",
-                                                                 "checkpoint.every_n_steps=2")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLER, *args(setup, out, "trainer.max_steps=6", "checkpoint.every_n_steps=2")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000002.ckpt", "step-000004.ckpt"]
     assert main(args(setup, out, "trainer.max_steps=8", "checkpoint.every_n_steps=2", "resume=auto")) == 0
@@ -193,7 +212,8 @@ def test_damaged_newest_checkpoint_falls_back_to_older(setup, reference, damage,
     assert sorted(s for s, _ in rewards_by_step(out)) == list(range(3, 9))
     assert dict(rewards_by_step(out)) == pytest.approx(dict(rewards_by_step(reference)[2:]), abs=1e-6)
     assert dict(rewards_by_step(out, "val/accuracy")) == pytest.approx(
-        dict(rewards_by_step(reference, "val/accuracy")[2:]), abs=1e-6)  # steps 4, 6, 8
+        dict(rewards_by_step(reference, "val/accuracy")[2:]), abs=1e-6
+    )  # steps 4, 6, 8
 
 
 def test_warmup_length_is_kept_when_a_run_is_extended(setup):
@@ -221,10 +241,21 @@ def test_resume_auto_without_checkpoint_starts_fresh(setup, capsys):
 
 def test_sigkill_then_resume_auto_finishes(setup):
     out = setup / "killed"
-    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=60", "checkpoint.every_n_steps=1",
-                                          "checkpoint.keep_last=2", "eval.every_n_steps=0")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "run.py",
+        *args(
+            setup,
+            out,
+            "trainer.max_steps=60",
+            "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last=2",
+            "eval.every_n_steps=0",
+        ),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list_checkpoints(out / "checkpoints")) < 2 and proc.poll() is None:
         time.sleep(0.2)
@@ -245,8 +276,11 @@ def test_sigkill_then_resume_auto_finishes(setup):
 
 def test_sigterm_saves_between_steps_and_exits(setup):
     out = setup / "terminated"
-    cmd = [sys.executable, "run.py", *args(setup, out, "trainer.max_steps=200", "checkpoint.every_n_steps=0",
-                                          "eval.every_n_steps=0")]
+    cmd = [
+        sys.executable,
+        "run.py",
+        *args(setup, out, "trainer.max_steps=200", "checkpoint.every_n_steps=0", "eval.every_n_steps=0"),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     tb = out / "tensorboard"

@@ -18,7 +18,7 @@ from kpo_lightning.rewards import TimedReward, reward_from_config, score_complet
 
 ROOT = Path(__file__).resolve().parent.parent
 
-REWARD = textwrap.dedent('''
+REWARD = textwrap.dedent("""
     import os, time
 
     def score(prompt, completion, answer, **kwargs):
@@ -33,7 +33,7 @@ REWARD = textwrap.dedent('''
         if completion == "raise":
             raise ValueError("bad sample")
         return float(completion == answer)
-''')
+""")
 
 
 @pytest.fixture
@@ -130,14 +130,14 @@ def test_user_reward_errors_are_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-HANG_ON_ODD = textwrap.dedent('''
+HANG_ON_ODD = textwrap.dedent("""
     import time
 
     def score(prompt, completion, answer, **kwargs):
         if int(answer) % 2:
             time.sleep(10_000)
         return 1.0
-''')
+""")
 
 
 def test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts(tmp_path):
@@ -147,12 +147,23 @@ def test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts(tmp_path):
 
     (tmp_path / "hang_on_odd.py").write_text(HANG_ON_ODD)
     out = tmp_path / "out"
-    code = main([
-        "model.name_or_path=tiny-arith", f"output_dir={out}", f"reward.fn={tmp_path / 'hang_on_odd.py'}:score",
-        "reward.timeout_s=0.5", "reward.num_workers=2", "data.prompts_per_step=4", "rollout.num_generations=2",
-        "rollout.max_new_tokens=4", "optim.num_minibatches=1", "trainer.max_steps=2", "eval.every_n_steps=0",
-        "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0",
-    ])
+    code = main(
+        [
+            "model.name_or_path=tiny-arith",
+            f"output_dir={out}",
+            f"reward.fn={tmp_path / 'hang_on_odd.py'}:score",
+            "reward.timeout_s=0.5",
+            "reward.num_workers=2",
+            "data.prompts_per_step=4",
+            "rollout.num_generations=2",
+            "rollout.max_new_tokens=4",
+            "optim.num_minibatches=1",
+            "trainer.max_steps=2",
+            "eval.every_n_steps=0",
+            "log.samples_every_n_steps=0",
+            "log.ratio_plot_every_n_steps=0",
+        ]
+    )
     assert code == 0 and (out / "final").exists()
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -167,15 +178,24 @@ def test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts(tmp_path):
 
 def _run_args(root: Path, out: Path) -> list[str]:
     return [
-        "model.name_or_path=tiny-arith", f"output_dir={out}", f"reward.fn={root / 'user_reward.py'}:score",
-        "reward.timeout_s=300", "reward.num_workers=2", "data.prompts_per_step=2", "rollout.num_generations=2",
-        "rollout.max_new_tokens=4", "optim.num_minibatches=1", "trainer.max_steps=1000",
-        "checkpoint.every_n_steps=1", "eval.every_n_steps=0", "log.samples_every_n_steps=0",
+        "model.name_or_path=tiny-arith",
+        f"output_dir={out}",
+        f"reward.fn={root / 'user_reward.py'}:score",
+        "reward.timeout_s=300",
+        "reward.num_workers=2",
+        "data.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=4",
+        "optim.num_minibatches=1",
+        "trainer.max_steps=1000",
+        "checkpoint.every_n_steps=1",
+        "eval.every_n_steps=0",
+        "log.samples_every_n_steps=0",
         "log.ratio_plot_every_n_steps=0",
     ]
 
 
-E2E_REWARD = textwrap.dedent('''
+E2E_REWARD = textwrap.dedent("""
     import os, time
     HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,10 +204,10 @@ E2E_REWARD = textwrap.dedent('''
             open(os.path.join(HERE, "hanging"), "w").close()
             time.sleep(10_000)
         return float(len(completion) % 2)
-''')
+""")
 
 
-SCORE_STUCK = textwrap.dedent('''
+SCORE_STUCK = textwrap.dedent("""
     import signal, sys
     from kpo_lightning.rewards import TimedReward, score_completions
     if sys.argv[2] == "handler":  # a Python SIGTERM handler that only takes note, as Lightning's does
@@ -196,17 +216,22 @@ SCORE_STUCK = textwrap.dedent('''
     print("scoring", flush=True)
     score_completions(fn, [""] * 4, ["a", "hang", "hang", "hang"], ["a"] * 4)
     print("finished", flush=True)
-''')
+""")
 
 
-@pytest.mark.parametrize("sig, handler, code", [(signal.SIGINT, "none", -signal.SIGINT),
-                                                     (signal.SIGTERM, "handler", 128 + signal.SIGTERM)])
+@pytest.mark.parametrize(
+    "sig, handler, code", [(signal.SIGINT, "none", -signal.SIGINT), (signal.SIGTERM, "handler", 128 + signal.SIGTERM)]
+)
 def test_signal_stops_a_stuck_batch(reward_file, tmp_path, sig, handler, code):
     """Ctrl-C (KeyboardInterrupt) and SIGTERM (SystemExit(143) outside Lightning) end the wait at once."""
     script = tmp_path / "score_stuck.py"
     script.write_text(SCORE_STUCK)
-    proc = subprocess.Popen([sys.executable, str(script), str(reward_file), handler], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(reward_file), handler],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "scoring\n"
         deadline = time.time() + 60
@@ -238,8 +263,13 @@ def test_sigterm_during_a_stuck_reward_stops_the_run(tmp_path):
     (tmp_path / "user_reward.py").write_text(E2E_REWARD)
     out, log_path = tmp_path / "out", tmp_path / "run.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "run.py", *_run_args(tmp_path, out)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "run.py", *_run_args(tmp_path, out)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and len(list_checkpoints(out / "checkpoints")) < 2:

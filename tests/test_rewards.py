@@ -169,7 +169,8 @@ def test_load_builtin_math():
 def test_load_module_and_file_forms(tmp_path, monkeypatch):
     (tmp_path / "my_rewards_pkg").mkdir()
     (tmp_path / "my_rewards_pkg" / "__init__.py").write_text("")
-    (tmp_path / "my_rewards_pkg" / "fns.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_rewards_pkg" / "fns.py").write_text(
+        textwrap.dedent("""
         def length(prompt, completion, answer, **kwargs):
             return float(len(completion))
 
@@ -177,7 +178,8 @@ def test_load_module_and_file_forms(tmp_path, monkeypatch):
             @staticmethod
             def exact(**kwargs):
                 return float(kwargs["completion"] == kwargs["answer"])
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = load_reward_fn("my_rewards_pkg.fns:length")
     assert fn(prompt="", completion="abc", answer="") == 3.0
@@ -237,8 +239,16 @@ def test_score_completions_counts_failures(caplog):
         if kind.startswith("raise"):
             raise ValueError(f"bad sample {kind}")
         return {
-            "none": None, "nan": math.nan, "inf": -math.inf, "str": "1.0", "list": [1.0],
-            "int": 1, "bool": True, "tensor": torch.tensor(0.5), "float": 0.75, "big": torch.ones(2),
+            "none": None,
+            "nan": math.nan,
+            "inf": -math.inf,
+            "str": "1.0",
+            "list": [1.0],
+            "int": 1,
+            "bool": True,
+            "tensor": torch.tensor(0.5),
+            "float": 0.75,
+            "big": torch.ones(2),
         }[kind]
 
     kinds = ["float", "raise1", "none", "nan", "inf", "str", "int", "raise2", "bool", "tensor", "list", "big"]
@@ -319,9 +329,19 @@ def test_math_reward_answer_formats(completion, answer, expected):
 @pytest.mark.parametrize(
     "raw, normalised",
     [
-        ("1 2", "1 2"), ("1   2", "1 2"), (r"1\,2", "1 2"), ("x y", "x y"), (r"\pi r", r"\pi r"), ("2 x", "2x"),
-        ("1, 2", "1,2"), (r"\left( 1 \right)", "(1)"), ("1,000", "1000"), ("(1,000)", "(1,000)"),
-        ("2 3/4", r"2\frac{3}{4}"), ("2 5/4", "2 5/4"), ("$12$.", "12"),
+        ("1 2", "1 2"),
+        ("1   2", "1 2"),
+        (r"1\,2", "1 2"),
+        ("x y", "x y"),
+        (r"\pi r", r"\pi r"),
+        ("2 x", "2x"),
+        ("1, 2", "1,2"),
+        (r"\left( 1 \right)", "(1)"),
+        ("1,000", "1000"),
+        ("(1,000)", "(1,000)"),
+        ("2 3/4", r"2\frac{3}{4}"),
+        ("2 5/4", "2 5/4"),
+        ("$12$.", "12"),
     ],
 )
 def test_normalise_keeps_separate_numbers_apart(raw, normalised):
@@ -397,8 +417,9 @@ def test_real_timeout_is_counted():
     fn = rewards.MathReward(timeout_s=0.5)
     math_reward(r"\boxed{x^2}", "x^2+0")  # start the worker outside the timed part
     t = time.perf_counter()
-    r, errors, timeouts = score_completions(fn, ["", "", ""], [r"\boxed{9^{9^{9^9}}}"] * 2 + [r"\boxed{3}"],
-                                            ["5", "5", "3"])
+    r, errors, timeouts = score_completions(
+        fn, ["", "", ""], [r"\boxed{9^{9^{9^9}}}"] * 2 + [r"\boxed{3}"], ["5", "5", "3"]
+    )
     assert r.tolist() == [0.0, 0.0, 1.0] and timeouts == 2 and errors == 0
     assert time.perf_counter() - t < 3 * 0.5 + 1.0  # the identical pair was checked once
     assert list(math_reward_module._CACHE) == [("x^2+0", "x^2")]  # the warm-up's verdict; the timeout is not cached

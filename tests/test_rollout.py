@@ -28,8 +28,9 @@ def test_response_mask_with_several_eos_ids():
 def test_engine_layout_and_masks(char_tokenizer, tiny_model):
     torch.manual_seed(0)
     prompts = ["1+2=", "12+34="]
-    gen = HFGenerateEngine().generate(tiny_model, char_tokenizer, prompts,
-                                      SamplingParams(num_samples=3, max_new_tokens=6))
+    gen = HFGenerateEngine().generate(
+        tiny_model, char_tokenizer, prompts, SamplingParams(num_samples=3, max_new_tokens=6)
+    )
     assert gen.input_ids.shape[0] == 6
     P = gen.prompt_length
     eos = char_tokenizer.eos_token_id
@@ -71,8 +72,15 @@ def test_make_rollout_scores_and_normalises(char_tokenizer, tiny_model):
         # group 1+1= always scores 1 (zero variance); group 2+2= scores 1, 0, 1, 0 in sampling order
         return 1.0 if prompt == "1+1=" else float(len(calls) % 2)
 
-    r = make_rollout(HFGenerateEngine(), tiny_model, char_tokenizer, ["1+1=", "2+2="], ["2", "4"],
-                     SamplingParams(num_samples=4, max_new_tokens=5), reward)
+    r = make_rollout(
+        HFGenerateEngine(),
+        tiny_model,
+        char_tokenizer,
+        ["1+1=", "2+2="],
+        ["2", "4"],
+        SamplingParams(num_samples=4, max_new_tokens=5),
+        reward,
+    )
     assert r.rewards.shape == (8,) and r.advantages.shape == (8,)
     assert calls[:4] == [("1+1=", "2")] * 4 and calls[4:] == [("2+2=", "4")] * 4
     assert r.rewards.tolist() == [1, 1, 1, 1, 1, 0, 1, 0]

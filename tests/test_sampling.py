@@ -33,12 +33,30 @@ def shipped_generation_config(tok) -> GenerationConfig:
     length, a sequence bias, a forced first token, a stop string, its own temperature/top-k/top-p."""
     digits = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
     return GenerationConfig(
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-        do_sample=True, temperature=0.2, top_k=2, top_p=0.3, min_p=0.2, typical_p=0.4, epsilon_cutoff=0.05,
-        eta_cutoff=0.05, repetition_penalty=2.0, no_repeat_ngram_size=1, suppress_tokens=digits[:3],
-        begin_suppress_tokens=[digits[3]], bad_words_ids=[[digits[4]], [digits[5]]], min_new_tokens=6, min_length=10,
-        sequence_bias={(digits[6],): 5.0}, forced_bos_token_id=digits[7], renormalize_logits=True, max_length=8,
-        exponential_decay_length_penalty=(2, 1.5), stop_strings=["9"],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        do_sample=True,
+        temperature=0.2,
+        top_k=2,
+        top_p=0.3,
+        min_p=0.2,
+        typical_p=0.4,
+        epsilon_cutoff=0.05,
+        eta_cutoff=0.05,
+        repetition_penalty=2.0,
+        no_repeat_ngram_size=1,
+        suppress_tokens=digits[:3],
+        begin_suppress_tokens=[digits[3]],
+        bad_words_ids=[[digits[4]], [digits[5]]],
+        min_new_tokens=6,
+        min_length=10,
+        sequence_bias={(digits[6],): 5.0},
+        forced_bos_token_id=digits[7],
+        renormalize_logits=True,
+        max_length=8,
+        exponential_decay_length_penalty=(2, 1.5),
+        stop_strings=["9"],
     )
 
 
@@ -51,8 +69,11 @@ def generate(model, tok, seed: int = 7, **params):
 # ------------------------------------------------------------------ model-shipped sampling defaults do not leak
 
 
-@pytest.mark.parametrize("params", [dict(), dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=0.0)],
-                         ids=["T1", "T0.7-topk-topp", "greedy"])
+@pytest.mark.parametrize(
+    "params",
+    [dict(), dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=0.0)],
+    ids=["T1", "T0.7-topk-topp", "greedy"],
+)
 def test_shipped_generation_config_changes_nothing(char_tokenizer, params):
     plain = build_tiny_random_model(char_tokenizer, seed=0)
     shipped = build_tiny_random_model(char_tokenizer, seed=0)
@@ -66,11 +87,16 @@ def test_shipped_generation_config_changes_nothing(char_tokenizer, params):
 
     # The test can fail: generating from `shipped` with only our own fields set lets its processors in.
     torch.manual_seed(7)
-    leaked = shipped.generate(input_ids=a.input_ids[:1, : a.prompt_length], tokenizer=char_tokenizer,
-                              generation_config=GenerationConfig(do_sample=True, max_new_tokens=10))
+    leaked = shipped.generate(
+        input_ids=a.input_ids[:1, : a.prompt_length],
+        tokenizer=char_tokenizer,
+        generation_config=GenerationConfig(do_sample=True, max_new_tokens=10),
+    )
     torch.manual_seed(7)
-    clean = plain.generate(input_ids=a.input_ids[:1, : a.prompt_length],
-                           generation_config=GenerationConfig(do_sample=True, max_new_tokens=10))
+    clean = plain.generate(
+        input_ids=a.input_ids[:1, : a.prompt_length],
+        generation_config=GenerationConfig(do_sample=True, max_new_tokens=10),
+    )
     assert not torch.equal(leaked, clean)
 
 
@@ -92,11 +118,14 @@ def test_shipped_generation_config_under_lora(char_tokenizer):
 def test_rollout_temperature_is_the_log_prob_temperature(char_tokenizer, tiny_model):
     """pi_old of a rollout sampled at T=0.5 by a user's settings is log-softmax(logits / 0.5), whatever the
     module's configured temperature (1.0)."""
-    module = KPOModule(tiny_model, char_tokenizer, rollout=RolloutConfig(num_generations=2, temperature=1.0),
-                       reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        tiny_model,
+        char_tokenizer,
+        rollout=RolloutConfig(num_generations=2, temperature=1.0),
+        reward_fn=lambda **kw: 0.0,
+    )
     params = SamplingParams(num_samples=2, max_new_tokens=5, temperature=0.5, seed=0)
-    rollout = make_rollout(module.engine, tiny_model, char_tokenizer, PROMPTS, ["3", "46"], params,
-                           module.reward_fn)
+    rollout = make_rollout(module.engine, tiny_model, char_tokenizer, PROMPTS, ["3", "46"], params, module.reward_fn)
     assert rollout.params is params
     old, _, _ = module._old_logprobs(rollout, first_row=0)
     gen = rollout.generation
@@ -114,9 +143,13 @@ def test_rollout_temperature_is_the_log_prob_temperature(char_tokenizer, tiny_mo
 def test_user_callback_temperature_and_group_reach_the_loss(char_tokenizer, tiny_model, monkeypatch):
     """A Trainer with RolloutCallback(params): every log-prob of the step (pi_old and pi_theta) is computed at
     the callback's temperature, and groups have the callback's size (2 here, against 4 configured)."""
-    module = KPOModule(tiny_model, char_tokenizer, rollout=RolloutConfig(num_generations=4, temperature=1.0),
-                       optim=OptimConfig(lr=1e-3, num_minibatches=2, warmup_ratio=0.0),
-                       reward_fn=lambda completion, **kw: float(len(completion) % 2))
+    module = KPOModule(
+        tiny_model,
+        char_tokenizer,
+        rollout=RolloutConfig(num_generations=4, temperature=1.0),
+        optim=OptimConfig(lr=1e-3, num_minibatches=2, warmup_ratio=0.0),
+        reward_fn=lambda completion, **kw: float(len(completion) % 2),
+    )
     seen = []
     original = module.sequence_logprobs
 
@@ -127,9 +160,16 @@ def test_user_callback_temperature_and_group_reach_the_loss(char_tokenizer, tiny
     monkeypatch.setattr(module, "sequence_logprobs", spy)
     data = torch.utils.data.DataLoader([{"prompt": PROMPTS, "answer": ["3", "46"]}], batch_size=None)
     callback = RolloutCallback(SamplingParams(num_samples=2, max_new_tokens=5, temperature=0.5))
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(module, train_dataloaders=data)
     assert module.rollout_step == 1
     assert len(seen) >= 2 and set(seen) == {0.5}
@@ -155,9 +195,17 @@ def test_sampling_seed_is_a_function_of_seed_rank_and_step():
 
 def fake_inputs(model, tok, rank: int, step: int, seed: int = 3):
     """What RolloutCallback reads from a KPOModule (`RolloutInputs`), for rank `rank` at rollout step `step`."""
-    return RolloutInputs(engine=HFGenerateEngine(), policy=model, tokenizer=tok, reward_fn=lambda **kw: 0.0,
-                         params=SamplingParams.for_training(RolloutConfig(num_generations=4, max_new_tokens=8)),
-                         advantage_estimator=LossConfig().advantage, seed=seed, global_rank=rank, rollout_step=step)
+    return RolloutInputs(
+        engine=HFGenerateEngine(),
+        policy=model,
+        tokenizer=tok,
+        reward_fn=lambda **kw: 0.0,
+        params=SamplingParams.for_training(RolloutConfig(num_generations=4, max_new_tokens=8)),
+        advantage_estimator=LossConfig().advantage,
+        seed=seed,
+        global_rank=rank,
+        rollout_step=step,
+    )
 
 
 def test_ranks_sample_different_rollouts_and_a_step_is_reproducible(char_tokenizer, tiny_model):
@@ -193,8 +241,12 @@ def test_the_callback_reads_the_module_only_through_rollout_inputs(char_tokenize
     module = KPOModule(tiny_model, char_tokenizer, loss=LossConfig(advantage="rloo"), rollout=cfg, seed=9)
     module.rollout_step = 4
     got = module.rollout_inputs()
-    assert (got.engine, got.policy, got.tokenizer, got.reward_fn) == (module.engine, tiny_model, char_tokenizer,
-                                                                     module.reward_fn)
+    assert (got.engine, got.policy, got.tokenizer, got.reward_fn) == (
+        module.engine,
+        tiny_model,
+        char_tokenizer,
+        module.reward_fn,
+    )
     assert got.params == SamplingParams.for_training(cfg)
     assert (got.advantage_estimator, got.seed, got.global_rank, got.rollout_step) == ("rloo", 9, 0, 4)
 

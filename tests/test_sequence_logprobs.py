@@ -52,8 +52,9 @@ class NoLogitsToKeep(nn.Module):
         self.inner = inner
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=use_cache)
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+        )
 
 
 class IgnoresLogitsToKeep(NoLogitsToKeep):
@@ -101,7 +102,7 @@ def test_parameter_gradients_match_full_logits_slice(wrap):
             logp, _ = sequence_logprobs(net, ids, mask, plen, 0.8)
         else:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, plen - 1:-1]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, plen - 1 : -1]
             logp = torch.log_softmax(logits / 0.8, -1).gather(-1, ids[:, plen:, None]).squeeze(-1)
         (logp * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

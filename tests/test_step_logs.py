@@ -24,6 +24,7 @@ class TwoProcesses:
             a, b = self.slots[(0, op)], self.slots[(1, op)]
             self.barrier.wait()
             return a + b if op == "sum" else torch.maximum(a, b)
+
         return reduce
 
 
@@ -60,14 +61,29 @@ def step_logs(rank: int, reduce):
     rewards, mask, entropy, logp, old, adv = process_data(rank)
     logs = StepLogs()
     for rows in (slice(0, 3), slice(3, None)):  # two micro-batches
-        loss, metrics = compute_policy_loss("grpo", logp[rows], old[rows], adv[rows], mask[rows], clip_low=0.2,
-                                            clip_high=0.28, dual_clip=0.0)
+        loss, metrics = compute_policy_loss(
+            "grpo", logp[rows], old[rows], adv[rows], mask[rows], clip_low=0.2, clip_high=0.28, dual_clip=0.0
+        )
         logs.add_micro_batch(metrics)
     logs.add_optimizer_step(torch.tensor(0.5 + rank), grad_norm=3.0)
-    stats = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(), "reward_errors": float(rank + 1),
-             "generated_tokens": float(mask.sum()), "time_generate_s": 1.0 + rank, "time_score_s": 0.5}
-    return logs.finish(stats, len(rewards), entropy, mask, step_seconds=2.0 + 3 * rank, update_seconds=1.0 - rank / 2,
-                       same={"lr": 0.1}, reduce=reduce)
+    stats = {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "reward_errors": float(rank + 1),
+        "generated_tokens": float(mask.sum()),
+        "time_generate_s": 1.0 + rank,
+        "time_score_s": 0.5,
+    }
+    return logs.finish(
+        stats,
+        len(rewards),
+        entropy,
+        mask,
+        step_seconds=2.0 + 3 * rank,
+        update_seconds=1.0 - rank / 2,
+        same={"lr": 0.1},
+        reduce=reduce,
+    )
 
 
 def test_step_logs_over_two_processes_are_the_whole_runs_values():
@@ -115,8 +131,13 @@ def test_step_logs_over_two_processes_are_the_whole_runs_values():
 
 
 def test_one_process_keeps_its_own_values_exactly():
-    values = {"a": Value(0.1, "mean", 3), "b": Value(torch.tensor(2.0), "sum"), "c": Value(0.0, "std", 5, mean=0.1),
-              "d": Value(7.0, "max"), "e": Value(1.5, "same")}
+    values = {
+        "a": Value(0.1, "mean", 3),
+        "b": Value(torch.tensor(2.0), "sum"),
+        "c": Value(0.0, "std", 5, mean=0.1),
+        "d": Value(7.0, "max"),
+        "e": Value(1.5, "same"),
+    }
     assert combine(values, None) == {"a": 0.1, "b": 2.0, "c": 0.0, "d": 7.0, "e": 1.5}
 
 

@@ -17,8 +17,9 @@ def _ruff(*args: str) -> subprocess.CompletedProcess:
 
 def test_ruff_check_is_clean():
     result = _ruff("check", "--no-cache", "--output-format", "concise", ".")
-    assert result.returncode == 0, f"ruff check found problems (fix them; `ruff check --fix .` fixes some):\n" \
-        f"{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"ruff check found problems (fix them; `ruff check --fix .` fixes some):\n{result.stdout}{result.stderr}"
+    )
 
 
 def test_ruff_format_leaves_every_file_unchanged():

@@ -56,12 +56,26 @@ def run_step(loss_type="kpo_clipped", lr=0.0, beta=0.0, **optim):
         return real(loss_type, logp, old_logp, advantages, mask, **kw)
 
     optim = {"lr": lr, "num_minibatches": 2, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
-    module = KPOModule(model, tok, loss=LossConfig(type=loss_type, beta=beta), optim=OptimConfig(**optim),
-                       rollout=RolloutConfig(num_generations=G), reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        model,
+        tok,
+        loss=LossConfig(type=loss_type, beta=beta),
+        optim=OptimConfig(**optim),
+        rollout=RolloutConfig(num_generations=G),
+        reward_fn=lambda **kw: 0.0,
+    )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[FixedRollout(rollout)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FixedRollout(rollout)],
+    )
     module_mod.compute_policy_loss = recording
     try:
         trainer.fit(module, train_dataloaders=data)
@@ -76,13 +90,16 @@ def blocks(rows, size):
 
 # Rows 0-7 (groups 0, 1) are mini-batch 0 (on-policy), rows 8-15 (groups 2, 3) mini-batch 1. Sequences are
 # P + R = 12 tokens wide, so a 30-token cap holds 2 rows and a 40-token cap 3.
-@pytest.mark.parametrize("optim, rows_per_forward", [
-    ({}, 8),
-    ({"micro_batch_size": 3}, 3),
-    ({"max_tokens_per_micro_batch": 30}, 2),
-    ({"micro_batch_size": 2, "max_tokens_per_micro_batch": 40}, 2),  # the smaller of the two wins
-    ({"micro_batch_size": 4, "max_tokens_per_micro_batch": 40}, 3),
-])
+@pytest.mark.parametrize(
+    "optim, rows_per_forward",
+    [
+        ({}, 8),
+        ({"micro_batch_size": 3}, 3),
+        ({"max_tokens_per_micro_batch": 30}, 2),
+        ({"micro_batch_size": 2, "max_tokens_per_micro_batch": 40}, 2),  # the smaller of the two wins
+        ({"micro_batch_size": 4, "max_tokens_per_micro_batch": 40}, 3),
+    ],
+)
 def test_minibatch_and_micro_batch_row_sets(optim, rows_per_forward):
     forwards, calls, *_ = run_step(**optim)
     mb0, mb1 = list(range(0, 8)), list(range(8, 16))

@@ -43,17 +43,34 @@ def global_rollout(vocab: int) -> Rollout:
 
 def stats(rewards: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
     """The rollout stats of these rows (a subset of make_rollout's)."""
-    return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(), "time_generate_s": 0.0,
-            "time_score_s": 0.0, "generated_tokens": float(response_mask.sum())}
+    return {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "time_generate_s": 0.0,
+        "time_score_s": 0.0,
+        "generated_tokens": float(response_mask.sum()),
+    }
 
 
 def shard(r: Rollout, rank: int, world: int) -> Rollout:
     rows = slice(rank * GROUPS // world * G, (rank + 1) * GROUPS // world * G)
     g = r.generation
-    gen = Generation(g.input_ids[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_length,
-                     g.completions[rows], g.truncated[rows])
-    return Rollout(gen, r.prompts[rows], r.answers[rows], r.rewards[rows], r.advantages[rows],
-                   stats(r.rewards[rows], g.response_mask[rows]))
+    gen = Generation(
+        g.input_ids[rows],
+        g.attention_mask[rows],
+        g.response_mask[rows],
+        g.prompt_length,
+        g.completions[rows],
+        g.truncated[rows],
+    )
+    return Rollout(
+        gen,
+        r.prompts[rows],
+        r.answers[rows],
+        r.rewards[rows],
+        r.advantages[rows],
+        stats(r.rewards[rows], g.response_mask[rows]),
+    )
 
 
 def as_seen_by_two_processes(r: Rollout, num_minibatches: int) -> Rollout:
@@ -63,8 +80,14 @@ def as_seen_by_two_processes(r: Rollout, num_minibatches: int) -> Rollout:
     order = [rank * half + m * per_mb + j for m in range(num_minibatches) for rank in range(2) for j in range(per_mb)]
     rows = torch.tensor([g * G + i for g in order for i in range(G)])
     g = r.generation
-    gen = Generation(g.input_ids[rows], g.attention_mask[rows], g.response_mask[rows], g.prompt_length,
-                     [g.completions[i] for i in rows], g.truncated[rows])
+    gen = Generation(
+        g.input_ids[rows],
+        g.attention_mask[rows],
+        g.response_mask[rows],
+        g.prompt_length,
+        [g.completions[i] for i in rows],
+        g.truncated[rows],
+    )
     return Rollout(gen, r.prompts, r.answers, r.rewards[rows], r.advantages[rows], dict(r.stats))
 
 
@@ -96,12 +119,19 @@ class SaveGrads(pl.Callback):
         torch.save(weights, self.out / f"weights-rank{rank}.pt")
         names = {id(p): n for n, p in pl_module.policy.named_parameters()}
         groups = [sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups]
-        (self.out / f"run-rank{rank}.json").write_text(json.dumps({
-            "logs": pl_module.last_logs, "own_logs": OWN_LOGS, "skipped_steps": pl_module.skipped_steps,
-            "groups": groups,
-            "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
-            "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
-            "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups]}))
+        (self.out / f"run-rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "logs": pl_module.last_logs,
+                    "own_logs": OWN_LOGS,
+                    "skipped_steps": pl_module.skipped_steps,
+                    "groups": groups,
+                    "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
+                    "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
+                    "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups],
+                }
+            )
+        )
 
 
 OWN_LOGS: dict[str, float] = {}  # this process's own values of the last step (before combining over processes)
@@ -134,9 +164,20 @@ class NonFiniteLossOn(pl.Callback):
         pl_module._micro_batch_loss = nan_loss
 
 
-def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-true",
-         gradient_checkpointing: bool = False, strategy: str = "ddp", nan_loss_rank: int = -1, beta: float = 0.0,
-         clip_low: float | None = None, clip_high: float | None = None, **optim) -> None:
+def main(
+    out: Path,
+    world: int,
+    loss_type: str,
+    agg: str,
+    precision: str = "32-true",
+    gradient_checkpointing: bool = False,
+    strategy: str = "ddp",
+    nan_loss_rank: int = -1,
+    beta: float = 0.0,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    **optim,
+) -> None:
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = build_tiny_random_model(tok, seed=0)
@@ -144,8 +185,14 @@ def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-t
         model.gradient_checkpointing_enable()
     optim = {"lr": 1e-3, "num_minibatches": 1, "grad_clip": 0.0, "warmup_ratio": 0.0, **optim}
     loss = LossConfig(type=loss_type, agg=agg, beta=beta, clip_low=clip_low, clip_high=clip_high)
-    module = KPOModule(model, tok, loss=loss, optim=OptimConfig(**optim), rollout=RolloutConfig(num_generations=G),
-                       reward_fn=lambda **kw: 0.0)
+    module = KPOModule(
+        model,
+        tok,
+        loss=loss,
+        optim=OptimConfig(**optim),
+        rollout=RolloutConfig(num_generations=G),
+        reward_fn=lambda **kw: 0.0,
+    )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
     rollout = global_rollout(len(tok))
     if world == 1:
@@ -154,10 +201,20 @@ def main(out: Path, world: int, loss_type: str, agg: str, precision: str = "32-t
         strategy = "auto"
     elif strategy == "fsdp":
         strategy = FSDPStrategy()
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, precision=precision,
-                         max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=[FixedRollout(rollout), SaveGrads(out), NonFiniteLossOn(nan_loss_rank)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[FixedRollout(rollout), SaveGrads(out), NonFiniteLossOn(nan_loss_rank)],
+    )
     trainer.fit(module, train_dataloaders=data)
 
 
