@@ -9,9 +9,7 @@ correct traces of the full length range (batches of 64, lr 3e-3 with warm-up and
 was 0.03, 0.05, 0.10, 0.13, 0.52 at steps 100-500 of the default run, so the shipped model is the step-400 one:
 it writes the format reliably, gets short chains right more often than long ones (one slip anywhere in a long
 chain is fatal), and scores avg@4 = 0.18 on the preset's held-out validation (python run.py preset=chain
-mode=eval). An optional "noisy teacher" (--noise, after --clean_frac of the steps: each digit of a step's sum
-taught as (1 - noise) * correct + noise * uniform(digits)) is what tiny-arith uses; the shipped model does not
-need it.
+mode=eval). Plain cross-entropy: tiny-arith's "noisy teacher" is not needed here.
 
 Deterministic given --seed (CPU, fixed thread count; evaluation forks the RNG): rerunning the defaults wrote a
 model.safetensors byte-identical to the shipped one (sha256 91b50aa2...). 10-12 minutes at one thread on a shared
@@ -40,54 +38,34 @@ ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "
 MAX_NEW_TOKENS = 160  # the preset's rollout.max_new_tokens: the longest trace is 140 tokens with eos
 
 
-def sum_digit_mask(completion: str) -> list[int]:
-    """1 on each character that is a digit of a step's sum (after '=', before ';'), else 0."""
-    mask, in_sum = [], False
-    for ch in completion:
-        if ch == "=":
-            in_sum = True
-            mask.append(0)
-            continue
-        if ch in ";\\":
-            in_sum = False
-        mask.append(int(in_sum and ch.isdigit()))
-    return mask
-
-
 def make_batch(
     tokenizer: PreTrainedTokenizerBase, problems: list[dict]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels, sum_mask) for prompt + completion + eos; labels are -100
-    on the prompt and padding (only the completion is learned), sum_mask marks the digits of each step's sum."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) for prompt + completion + eos; labels are -100 on the
+    prompt and padding (only the completion is learned)."""
     rows = []
     for p in problems:
         prompt = tokenizer.encode(p["prompt"], add_special_tokens=False)
         completion = tokenizer.encode(p["completion"], add_special_tokens=False) + [tokenizer.eos_token_id]
-        rows.append((prompt, completion, [0] * len(prompt) + sum_digit_mask(p["completion"]) + [0]))
-    width = max(len(p) + len(c) for p, c, _ in rows)
+        rows.append((prompt, completion))
+    width = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    sum_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (prompt, completion, mask) in enumerate(rows):
+    for i, (prompt, completion) in enumerate(rows):
         seq = prompt + completion
         ids[i, : len(seq)] = torch.tensor(seq)
         attn[i, : len(seq)] = 1
         labels[i, len(prompt) : len(seq)] = torch.tensor(completion)
-        sum_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-    return ids, attn, labels, sum_mask
+    return ids, attn, labels
 
 
-def noisy_teacher_loss(
-    logits: torch.Tensor, labels: torch.Tensor, sum_mask: torch.Tensor, digit_ids: torch.Tensor, noise: float
-) -> torch.Tensor:
-    """Cross-entropy on completion tokens; on sum digits the target is (1-noise)*correct + noise*uniform(digits)."""
-    logits, labels, sum_mask = logits[:, :-1], labels[:, 1:], sum_mask[:, 1:]  # predict token t+1 from <= t
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens."""
+    logits, labels = logits[:, :-1], labels[:, 1:]  # predict token t+1 from <= t
     valid = labels != -100
     logp = F.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    if noise > 0:
-        nll = torch.where(sum_mask, (1 - noise) * nll + noise * (-logp[..., digit_ids].mean(-1)), nll)
     return (nll * valid).sum() / valid.sum()
 
 
@@ -129,10 +107,6 @@ def main() -> None:
     ap.add_argument("--stop_at", type=int, default=400, help="stop (and save) after this many steps")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--noise", type=float, default=0.0, help="sum-digit probability of a uniform random digit")
-    ap.add_argument(
-        "--clean_frac", type=float, default=1.0, help="first fraction of steps trained without noise, then --noise"
-    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--eval_every", type=int, default=100)
@@ -171,7 +145,6 @@ def main() -> None:
         max_new_tokens=MAX_NEW_TOKENS,
     )
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
-    digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -186,10 +159,9 @@ def main() -> None:
     for step in range(min(args.stop_at, args.steps)):
         model.train()
         problems = [chain_problem(args.seed, step * args.batch_size + i) for i in range(args.batch_size)]
-        ids, attn, labels, sum_mask = make_batch(tokenizer, problems)
+        ids, attn, labels = make_batch(tokenizer, problems)
         logits = model(input_ids=ids, attention_mask=attn).logits
-        noise = 0.0 if step < args.clean_frac * args.steps else args.noise
-        loss = noisy_teacher_loss(logits, labels, sum_mask, digit_ids, noise)
+        loss = completion_loss(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,7 +171,7 @@ def main() -> None:
             with torch.random.fork_rng():
                 acc, lengths, by_n = sampled_accuracy(model, tokenizer, val, k=args.eval_k)
             print(
-                f"step {step + 1:5d}  loss {loss.item():.4f}  noise {noise}  val avg@{args.eval_k} (T=1) {acc:.3f}  "
+                f"step {step + 1:5d}  loss {loss.item():.4f}  val avg@{args.eval_k} (T=1) {acc:.3f}  "
                 f"len {min(lengths)}-{max(lengths)} mean {sum(lengths) / len(lengths):.0f}  "
                 f"by operands {' '.join(f'{n}:{a:.2f}' for n, a in by_n.items())}  {time.time() - t0:.0f}s",
                 flush=True,
