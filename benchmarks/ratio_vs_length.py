@@ -1,0 +1,310 @@
+"""Switch frequency and ratio variance, raw vs Kalman-filtered, against response length, from real training runs.
+
+Each seed is one real training run (`python run.py` with the given preset and overrides, built here with the
+library's public pieces) whose module records, for every row of every off-policy micro-batch, its valid length,
+its switch fraction raw and filtered (the filter the loss uses: its Q, V, P0) and its ratio sums. Rows are
+binned by length; per bin and seed: mean switch fraction over rows (spec section 6) and the variance of the ratio
+over all the bin's valid tokens. A log-log fit of filtered switch frequency against length, per seed, gives the
+slope (mean +- sd across seeds) and its extrapolation to 4096 tokens, to compare with the paper's ~0.01. A
+SYNTHETIC check then draws 4096-token raw log-ratio sequences as a Gaussian AR(1) with the measured raw mean,
+variance and lag-1 autocorrelation, filters them with the same Q/V/P0 and reports their switch frequency (and the
+same synthetic model at the measured lengths, to show how well it reproduces the real bins). Writes a PNG.
+
+    python benchmarks/ratio_vs_length.py --preset chain --seeds 0 1 2 --jobs 2   # 3 runs, 2 at a time
+    python benchmarks/ratio_vs_length.py --steps 4 --seeds 0                     # a quick look (default task)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also in spawned worker processes
+from machine import machine_line, spread  # noqa: E402
+
+PAPER_RAW, PAPER_FILTERED, PAPER_LENGTH = 0.43, 0.01, 4096
+
+
+def train_and_record(preset: str | None, seed: int, steps: int | None, overrides: list[str], threads: int) -> dict:
+    """One real training run; returns per-row records of its off-policy micro-batches and the filter it used."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import lightning.pytorch as pl
+
+    from kpo_lightning import KPOModule, PromptDataModule, RolloutCallback, load_model_and_tokenizer
+    from kpo_lightning.cli import check_inputs
+    from kpo_lightning.config_checks import check_config
+    from kpo_lightning.config_loading import load_config
+    from kpo_lightning.metrics import switch_fractions
+    from kpo_lightning.train_main import build_trainer
+
+    class RecordingModule(KPOModule):
+        """KPOModule that keeps per-row ratio statistics of every off-policy micro-batch it trains on."""
+
+        records: list[dict]
+
+        def _update_ratio_metrics(self, raw_log_ratio, mask):
+            raw, filtered, m = super()._update_ratio_metrics(raw_log_ratio, mask)
+            m = m.bool()
+            sw_raw, ok = switch_fractions(raw, m)
+            sw_filt, _ = switch_fractions(filtered, m)
+            d_raw = torch.where(m, torch.expm1(raw.double().clamp(-20, 20)), 0.0)
+            d_filt = torch.where(m, torch.expm1(filtered.double().clamp(-20, 20)), 0.0)
+            for i in range(m.shape[0]):
+                n = int(m[i].sum())
+                if n == 0:
+                    continue
+                self.records.append({
+                    "step": self.rollout_step, "length": n, "has_pairs": bool(ok[i]),
+                    "sw_raw": float(sw_raw[i]), "sw_filt": float(sw_filt[i]),
+                    "d_raw": (float(d_raw[i].sum()), float(d_raw[i].square().sum())),
+                    "d_filt": (float(d_filt[i].sum()), float(d_filt[i].square().sum())),
+                    "z": raw[i][m[i]].double().numpy().astype(np.float32),  # raw log-ratios, for the synthetic model
+                })
+            return raw, filtered, m
+
+    args = ([f"preset={preset}"] if preset else []) + [f"seed={seed}", "eval.every_n_steps=0",
+                                                       "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0",
+                                                       "checkpoint.every_n_steps=0", "output_dir=outputs/ratio_vs_length"]
+    if steps is not None:
+        args.append(f"trainer.max_steps={steps}")
+    cfg = load_config(args + list(overrides))
+    check_config(cfg)
+    reward_fn = check_inputs(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
+    data = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
+    module = RecordingModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout,
+                             reward=cfg.reward, eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
+    module.records = []
+    trainer = build_trainer(cfg, [RolloutCallback()], logger=False)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(module, datamodule=data)  # quiet: progress bar and Lightning's notes
+    return {"seed": seed, "records": module.records, "kalman": dict(module.diag_kalman), "loss": cfg.loss.type,
+            "steps": cfg.trainer.max_steps, "minibatches": cfg.optim.num_minibatches,
+            "epochs": cfg.optim.epochs_per_rollout, "max_new_tokens": cfg.rollout.max_new_tokens,
+            "seconds": time.perf_counter() - start}
+
+
+def bin_stats(records: list[dict], edges: list[float]) -> list[dict]:
+    """Per length bin [lo, hi): rows, mean length, mean switch fraction raw/filtered (rows with >= 2 tokens), and
+    the ratio variance raw/filtered over all the bin's valid tokens."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rows = [r for r in records if lo <= r["length"] < hi]
+        pairs = [r for r in rows if r["has_pairs"]]
+        if not pairs:
+            out.append({"lo": lo, "hi": hi, "rows": 0})
+            continue
+        stats = {"lo": lo, "hi": hi, "rows": len(rows), "length": statistics.fmean(r["length"] for r in rows),
+                 "sw_raw": statistics.fmean(r["sw_raw"] for r in pairs),
+                 "sw_filt": statistics.fmean(r["sw_filt"] for r in pairs)}
+        n = sum(r["length"] for r in rows)
+        for key in ("raw", "filt"):
+            s = sum(r[f"d_{key}"][0] for r in rows)
+            s2 = sum(r[f"d_{key}"][1] for r in rows)
+            stats[f"var_{key}"] = max(s2 / n - (s / n) ** 2, 0.0)
+        out.append(stats)
+    return out
+
+
+def loglog_fit(bins: list[dict], key: str, min_rows: int) -> tuple[float, float] | None:
+    """Least-squares slope and intercept of log(key) against log(length) over bins with enough rows and key > 0."""
+    pts = [(math.log(b["length"]), math.log(b[key])) for b in bins if b["rows"] >= min_rows and b.get(key, 0) > 0]
+    if len(pts) < 2:
+        return None
+    x, y = np.array(pts).T
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+def raw_statistics(records: list[dict]) -> dict:
+    """Pooled mean, variance and lag-1 autocorrelation of the raw log-ratio within rows (all rows, all tokens)."""
+    z = [r["z"].astype(np.float64) for r in records]
+    allz = np.concatenate(z)
+    mean, var = float(allz.mean()), float(allz.var())
+    num = sum(float(((zi[1:] - mean) * (zi[:-1] - mean)).sum()) for zi in z if len(zi) > 1)
+    den = sum(float(((zi[1:] - mean) ** 2).sum()) for zi in z if len(zi) > 1)
+    return {"mean": mean, "var": var, "lag1": num / den if den > 0 else 0.0, "tokens": allz.size}
+
+
+def synthetic_switch(stats: dict, kalman: dict, length: int, rows: int, seed: int, with_mean: bool) -> tuple[float, float]:
+    """SYNTHETIC: switch frequency raw and filtered of Gaussian AR(1) log-ratio rows of `length` tokens with the
+    measured variance and lag-1 autocorrelation (and mean if `with_mean`), filtered with the same Q, V, P0."""
+    import torch
+
+    from kpo_lightning import causal_kalman_filter
+    from kpo_lightning.metrics import switch_fractions
+
+    g = torch.Generator().manual_seed(seed)
+    phi, sd = stats["lag1"], math.sqrt(stats["var"])
+    eps = torch.randn(rows, length, generator=g, dtype=torch.float64) * sd * math.sqrt(max(1 - phi * phi, 0.0))
+    z = torch.empty_like(eps)
+    z[:, 0] = torch.randn(rows, generator=g, dtype=torch.float64) * sd
+    for t in range(1, length):
+        z[:, t] = phi * z[:, t - 1] + eps[:, t]
+    if with_mean:
+        z += stats["mean"]
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    rho = causal_kalman_filter(z, mask, kalman["kalman_q"], kalman["kalman_v"], kalman["kalman_p0"])
+    return float(switch_fractions(z, mask)[0].mean()), float(switch_fractions(rho, mask)[0].mean())
+
+
+def fmt(values: list[float], f: str = ".3f") -> str:
+    """mean +- sd over seeds (min-median-max)."""
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{f}} +- {sd:{f}} ({spread(values, f)})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="run.py preset (e.g. chain); default: the embedded default task")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="rollout steps per run (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--bins", type=float, nargs="+", default=[1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+                   help="length bin edges (valid tokens)")
+    p.add_argument("--min-rows", type=int, default=20, help="bins with fewer rows (per seed) are left out of the fit")
+    p.add_argument("--synthetic-rows", type=int, default=256)
+    p.add_argument("--plot", default="benchmarks/ratio_vs_length.png")
+    p.add_argument("overrides", nargs="*", help="extra run.py key=value overrides, e.g. optim.num_minibatches=8")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
+    start = time.perf_counter()
+    jobs = [(args.preset, s, args.steps, args.overrides, args.threads) for s in args.seeds]
+    if args.jobs > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            runs = list(pool.map(train_and_record, *zip(*jobs)))
+    else:
+        runs = [train_and_record(*j) for j in jobs]
+    minutes = (time.perf_counter() - start) / 60
+    kal = runs[0]["kalman"]
+    r0 = runs[0]
+    print(f"\n{len(runs)} runs (seeds {' '.join(map(str, args.seeds))}; preset={args.preset or '(default task)'}, "
+          f"loss {r0['loss']}, {r0['steps']} rollout steps, {r0['minibatches']} mini-batches x {r0['epochs']} epochs "
+          f"per rollout, max_new_tokens {r0['max_new_tokens']}{', ' + ' '.join(args.overrides) if args.overrides else ''}"
+          f") took {minutes:.1f} min with {args.jobs} at a time; per run "
+          f"{spread([r['seconds'] for r in runs], '.0f')} s training; filter Q={kal['kalman_q']:g} V={kal['kalman_v']:g} "
+          f"P0={kal['kalman_p0']:g}")
+    print(machine_line() + "\n")
+
+    per_seed = [bin_stats(r["records"], args.bins) for r in runs]
+    header = ("| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered | "
+              "ratio var raw | ratio var filtered |")
+    print("Off-policy rows by valid length; per bin: mean +- sd over seeds (min-median-max)\n")
+    print(header)
+    print("|---" * 7 + "|")
+    for i, (lo, hi) in enumerate(zip(args.bins[:-1], args.bins[1:])):
+        cells = [b[i] for b in per_seed if b[i]["rows"] > 0]
+        if not cells:
+            continue
+        col = {k: [c[k] for c in cells] for k in ("length", "sw_raw", "sw_filt", "var_raw", "var_filt")}
+        print(f"| {lo:g}-{hi:g} | {sum(c['rows'] for c in cells)} | {statistics.fmean(col['length']):.0f} | "
+              f"{fmt(col['sw_raw'])} | {fmt(col['sw_filt'], '.4f')} | {fmt(col['var_raw'], '.2e')} | "
+              f"{fmt(col['var_filt'], '.2e')} |")
+
+    fits = {key: [loglog_fit(b, key, args.min_rows) for b in per_seed] for key in ("sw_raw", "sw_filt")}
+    print(f"\nLog-log fit of switch frequency against length, per seed (bins with >= {args.min_rows} rows):")
+    for key, name in (("sw_raw", "raw"), ("sw_filt", "filtered")):
+        ok = [f for f in fits[key] if f is not None]
+        if not ok:
+            print(f"  {name}: too few bins to fit")
+            continue
+        slopes = [s for s, _ in ok]
+        at = [math.exp(c + s * math.log(PAPER_LENGTH)) for s, c in ok]
+        print(f"  {name}: slope {fmt(slopes, '.2f')}; extrapolated to {PAPER_LENGTH} tokens: {fmt(at, '.4f')} "
+              f"(paper: {PAPER_RAW if name == 'raw' else PAPER_FILTERED})")
+
+    all_records = [r for run in runs for r in run["records"]]
+    stats = raw_statistics(all_records)
+    print(f"\nRaw log-ratio statistics, pooled over {stats['tokens']} off-policy tokens of all runs: mean "
+          f"{stats['mean']:.3e}, variance {stats['var']:.3e}, lag-1 autocorrelation within rows {stats['lag1']:.3f}")
+    print("SYNTHETIC (Gaussian AR(1) rows with these statistics, same Q/V/P0; "
+          f"{args.synthetic_rows} rows, seeds {' '.join(map(str, args.seeds))}):")
+    synth = {}
+    lengths = sorted({round(b["length"]) for b in per_seed[0] if b["rows"] >= args.min_rows}) + [PAPER_LENGTH]
+    for with_mean in (False, True):
+        label = "measured mean" if with_mean else "zero mean"
+        for length in lengths:
+            vals = [synthetic_switch(stats, kal, length, args.synthetic_rows, s, with_mean) for s in args.seeds]
+            synth[(with_mean, length)] = vals
+            print(f"  SYNTHETIC {label}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
+                  f"filtered {fmt([v[1] for v in vals], '.4f')}")
+
+    plot(args, runs, per_seed, fits, synth, lengths, kal)
+    print(f"\nplot: {args.plot}")
+
+
+def plot(args, runs, per_seed, fits, synth, lengths, kal) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"raw": "tab:red", "filt": "tab:blue"}
+    for key, name in (("raw", "raw"), ("filt", "filtered")):
+        for j, bins in enumerate(per_seed):
+            pts = [(b["length"], b[f"sw_{key}"], b[f"var_{key}"]) for b in bins if b["rows"] >= args.min_rows]
+            if not pts:
+                continue
+            x, sw, var = zip(*pts)
+            lab = f"{name} (one line per seed)" if j == 0 else None
+            ax1.plot(x, sw, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
+            ax2.plot(x, var, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
+    grid = np.geomspace(8, PAPER_LENGTH, 50)
+    for j, f in enumerate(fits["sw_filt"]):
+        if f is not None:
+            ax1.plot(grid, np.exp(f[1] + f[0] * np.log(grid)), ":", color=colors["filt"], alpha=0.5,
+                     label="filtered, log-log fit extrapolated" if j == 0 else None)
+    ax1.plot([PAPER_LENGTH], [PAPER_RAW], "s", color=colors["raw"], mfc="none", ms=8, label="paper, raw (~0.43)")
+    ax1.plot([PAPER_LENGTH], [PAPER_FILTERED], "s", color=colors["filt"], mfc="none", ms=8,
+             label="paper, filtered (~0.01)")
+    for with_mean, marker in ((False, "x"), (True, "+")):
+        xs = [L for L in lengths]
+        ys = [statistics.fmean(v[1] for v in synth[(with_mean, L)]) for L in xs]
+        ax1.plot(xs, [max(y, 1e-5) for y in ys], marker, color="k", ms=7,
+                 label=f"SYNTHETIC AR(1), filtered, {'measured' if with_mean else 'zero'} mean")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("response length (valid tokens)")
+    ax1.set_ylabel("switch frequency")
+    ax1.set_title(f"switch frequency (Q/V={kal['kalman_q'] / kal['kalman_v']:g})")
+    ax1.legend(fontsize=7)
+    ax2.set_xscale("log")
+    ax1.set_xlim(6, 6000)
+    ax2.set_xlim(6, 6000)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("response length (valid tokens)")
+    ax2.set_ylabel("ratio variance")
+    ax2.set_title("ratio variance over the bin's tokens")
+    ax2.legend(fontsize=7)
+    r0 = runs[0]
+    fig.suptitle(f"off-policy mini-batches of {len(runs)} {r0['loss']} runs "
+                 f"({args.preset or 'default task'}, {r0['steps']} steps, {r0['minibatches']} mini-batches)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
