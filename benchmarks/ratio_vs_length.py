@@ -99,7 +99,24 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
             "seconds": time.perf_counter() - start}
 
 
-def bin_stats(records: list[dict], edges: list[float]) -> list[dict]:
+def refilter(records: list[dict], q: float, v: float, p0: float) -> list[float]:
+    """Switch fraction of each recorded row's raw log-ratios filtered again with another Q, V, P0 (post hoc: the
+    run trained with its own filter; this shows what a different Q/V makes of the same raw rows)."""
+    import torch
+
+    from kpo_lightning import causal_kalman_filter
+    from kpo_lightning.metrics import switch_fractions
+
+    width = max(len(r["z"]) for r in records)
+    z = torch.zeros(len(records), width, dtype=torch.float64)
+    mask = torch.zeros(len(records), width, dtype=torch.bool)
+    for i, r in enumerate(records):
+        z[i, : len(r["z"])] = torch.from_numpy(r["z"].astype(np.float64))
+        mask[i, : len(r["z"])] = True
+    return switch_fractions(causal_kalman_filter(z, mask, q, v, p0), mask)[0].tolist()
+
+
+def bin_stats(records: list[dict], edges: list[float], extra: tuple[str, ...] = ()) -> list[dict]:
     """Per length bin [lo, hi): rows, mean length, mean switch fraction raw/filtered (rows with >= 2 tokens), and
     the ratio variance raw/filtered over all the bin's valid tokens."""
     out = []
@@ -112,6 +129,7 @@ def bin_stats(records: list[dict], edges: list[float]) -> list[dict]:
         stats = {"lo": lo, "hi": hi, "rows": len(rows), "length": statistics.fmean(r["length"] for r in rows),
                  "sw_raw": statistics.fmean(r["sw_raw"] for r in pairs),
                  "sw_filt": statistics.fmean(r["sw_filt"] for r in pairs)}
+        stats.update({key: statistics.fmean(r[key] for r in pairs) for key in extra})
         n = sum(r["length"] for r in rows)
         for key in ("raw", "filt"):
             s = sum(r[f"d_{key}"][0] for r in rows)
@@ -182,6 +200,8 @@ def main() -> None:
                    help="length bin edges (valid tokens)")
     p.add_argument("--min-rows", type=int, default=20, help="bins with fewer rows (per seed) are left out of the fit")
     p.add_argument("--synthetic-rows", type=int, default=256)
+    p.add_argument("--also-qv", type=float, nargs="*", default=[1e-4],
+                   help="also report the switch frequency of the same raw rows filtered post hoc at these Q/V (V=1)")
     p.add_argument("--plot", default="benchmarks/ratio_vs_length.png")
     p.add_argument("overrides", nargs="*", help="extra run.py key=value overrides, e.g. optim.num_minibatches=8")
     args = p.parse_args()
@@ -208,24 +228,33 @@ def main() -> None:
           f"P0={kal['kalman_p0']:g}")
     print(machine_line() + "\n")
 
-    per_seed = [bin_stats(r["records"], args.bins) for r in runs]
-    header = ("| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered | "
-              "ratio var raw | ratio var filtered |")
+    extra = tuple(f"sw_qv{qv:g}" for qv in args.also_qv)
+    for run in runs:
+        for qv, key in zip(args.also_qv, extra):
+            for rec, sw in zip(run["records"], refilter(run["records"], qv, 1.0, kal["kalman_p0"])):
+                rec[key] = sw
+    per_seed = [bin_stats(r["records"], args.bins, extra) for r in runs]
+    qv = kal["kalman_q"] / kal["kalman_v"]
+    header = (f"| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered (Q/V={qv:g}) | "
+              + "".join(f"switch freq filtered post hoc at Q/V={x:g} | " for x in args.also_qv)
+              + "ratio var raw | ratio var filtered |")
     print("Off-policy rows by valid length; per bin: mean +- sd over seeds (min-median-max)\n")
     print(header)
-    print("|---" * 7 + "|")
+    print("|---" * (header.count("|") - 1) + "|")
     for i, (lo, hi) in enumerate(zip(args.bins[:-1], args.bins[1:])):
         cells = [b[i] for b in per_seed if b[i]["rows"] > 0]
         if not cells:
             continue
-        col = {k: [c[k] for c in cells] for k in ("length", "sw_raw", "sw_filt", "var_raw", "var_filt")}
+        col = {k: [c[k] for c in cells] for k in ("length", "sw_raw", "sw_filt", "var_raw", "var_filt") + extra}
         print(f"| {lo:g}-{hi:g} | {sum(c['rows'] for c in cells)} | {statistics.fmean(col['length']):.0f} | "
-              f"{fmt(col['sw_raw'])} | {fmt(col['sw_filt'], '.4f')} | {fmt(col['var_raw'], '.2e')} | "
+              f"{fmt(col['sw_raw'])} | {fmt(col['sw_filt'], '.4f')} | "
+              + "".join(f"{fmt(col[k], '.4f')} | " for k in extra) + f"{fmt(col['var_raw'], '.2e')} | "
               f"{fmt(col['var_filt'], '.2e')} |")
 
-    fits = {key: [loglog_fit(b, key, args.min_rows) for b in per_seed] for key in ("sw_raw", "sw_filt")}
+    fits = {key: [loglog_fit(b, key, args.min_rows) for b in per_seed] for key in ("sw_raw", "sw_filt") + extra}
     print(f"\nLog-log fit of switch frequency against length, per seed (bins with >= {args.min_rows} rows):")
-    for key, name in (("sw_raw", "raw"), ("sw_filt", "filtered")):
+    names = [("sw_raw", "raw"), ("sw_filt", f"filtered (Q/V={qv:g})")]
+    for key, name in names + [(k, f"filtered post hoc at Q/V={x:g}") for k, x in zip(extra, args.also_qv)]:
         ok = [f for f in fits[key] if f is not None]
         if not ok:
             print(f"  {name}: too few bins to fit")
@@ -233,7 +262,8 @@ def main() -> None:
         slopes = [s for s, _ in ok]
         at = [math.exp(c + s * math.log(PAPER_LENGTH)) for s, c in ok]
         print(f"  {name}: slope {fmt(slopes, '.2f')}; extrapolated to {PAPER_LENGTH} tokens: {fmt(at, '.4f')} "
-              f"(paper: {PAPER_RAW if name == 'raw' else PAPER_FILTERED})")
+              f"(paper: {PAPER_RAW if name == 'raw' else PAPER_FILTERED}"
+              f"{'' if name == 'raw' else ' at Q/V=1e-6'})")
 
     all_records = [r for run in runs for r in run["records"]]
     stats = raw_statistics(all_records)
@@ -250,12 +280,18 @@ def main() -> None:
             synth[(with_mean, length)] = vals
             print(f"  SYNTHETIC {label}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
                   f"filtered {fmt([v[1] for v in vals], '.4f')}")
+    for x in args.also_qv:
+        other = {**kal, "kalman_q": x, "kalman_v": 1.0}
+        for with_mean in (False, True):
+            vals = [synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, with_mean) for s in args.seeds]
+            print(f"  SYNTHETIC {'measured mean' if with_mean else 'zero mean'}, {PAPER_LENGTH} tokens, filtered at "
+                  f"Q/V={x:g}: switch freq filtered {fmt([v[1] for v in vals], '.4f')}")
 
-    plot(args, runs, per_seed, fits, synth, lengths, kal)
+    plot(args, runs, per_seed, fits, synth, lengths, kal, extra)
     print(f"\nplot: {args.plot}")
 
 
-def plot(args, runs, per_seed, fits, synth, lengths, kal) -> None:
+def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,6 +308,12 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal) -> None:
             lab = f"{name} (one line per seed)" if j == 0 else None
             ax1.plot(x, sw, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
             ax2.plot(x, var, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
+    for key, x, color in zip(extra, args.also_qv, ("tab:green", "tab:purple", "tab:olive")):
+        for j, bins in enumerate(per_seed):
+            pts = [(b["length"], b[key]) for b in bins if b["rows"] >= args.min_rows]
+            if pts:
+                ax1.plot(*zip(*pts), "o--", color=color, alpha=0.6, ms=3,
+                         label=f"filtered post hoc at Q/V={x:g}" if j == 0 else None)
     grid = np.geomspace(8, PAPER_LENGTH, 50)
     for j, f in enumerate(fits["sw_filt"]):
         if f is not None:

@@ -187,7 +187,9 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="read finished runs with the same command instead of rerunning")
     p.add_argument("overrides", nargs="*", help="extra run.py key=value overrides for every run")
     args = p.parse_args()
+    import torch
 
+    torch.set_num_threads(args.threads)  # so the machine line states the runs' thread count
     print(machine_line(), flush=True)
     runs = build_runs(args)
     print(f"{len(runs)} runs, {args.jobs} at a time, OMP_NUM_THREADS={args.threads}; e.g. "
