@@ -21,7 +21,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, smollm2
+    name_or_path: str = "tiny-arith"  # a local folder, a hub name, or a built-in: tiny-arith, tiny-chain, smollm2
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers `gguf_file=`)
     dtype: str = "float32"  # float32, bfloat16, float16 (training: float32 master weights unless bf16-true)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "arithmetic"  # "arithmetic", a .jsonl/.json/.parquet/.csv file, or a dataset name
+    source: str = "arithmetic"  # "arithmetic", "chain", a .jsonl/.json/.parquet/.csv file, or a dataset name
     split: str = "train"  # split of a hub dataset
     subset: Optional[str] = None  # dataset config name for hub datasets
     prompt_key: str = "prompt"  # record field with the prompt (dotted paths work; chat message lists too)
@@ -49,6 +49,9 @@ class DataConfig:
     shuffle: bool = True  # reshuffle finite sources every epoch (seeded)
     streaming: bool = True  # stream hub datasets instead of downloading them whole
     arithmetic_max_operand: int = 99  # built-in task: operands drawn from [0, this]
+    chain_min_operands: int = 5  # chain task: fewest one-digit operands a problem adds (5: ~40 response tokens)
+    chain_max_operands: int = 16  # chain task: most operands (16: ~130 response tokens); validation spans min..max
+    chain_curriculum_prompts: int = 0  # chain task: the operand cap grows from min to max over this many prompts
 
 
 @dataclass

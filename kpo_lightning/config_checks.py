@@ -42,6 +42,8 @@ AT_LEAST = {
     "reward.num_workers": 0,
     "data.val_size": 0,
     "data.arithmetic_max_operand": 1,
+    "data.chain_min_operands": 2,
+    "data.chain_curriculum_prompts": 0,
     "optim.weight_decay": 0.0,
     "optim.grad_clip": 0.0,
     "optim.num_minibatches": 1,
@@ -112,6 +114,7 @@ def check_config(cfg: Config) -> None:
         _fail("rollout.top_p", cfg.rollout.top_p, "it must lie in (0, 1]")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "it must lie in [0, 1)")
+    _check_chain(cfg)
     if cfg.data.prompts_per_step % cfg.optim.num_minibatches:
         raise UserInputError(
             f"optim.num_minibatches={cfg.optim.num_minibatches} does not divide data.prompts_per_step="
@@ -121,6 +124,15 @@ def check_config(cfg: Config) -> None:
     if cfg.resume not in (None, "auto", "auto_or_fresh") and not Path(cfg.resume).exists():
         _fail("resume", cfg.resume,
               "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null")
+
+
+def _check_chain(cfg: Config) -> None:
+    from kpo_lightning.chain_arithmetic import MAX_OPERANDS_LIMIT
+
+    low, high = cfg.data.chain_min_operands, cfg.data.chain_max_operands
+    if not low <= high <= MAX_OPERANDS_LIMIT:
+        _fail("data.chain_max_operands", high,
+              f"it must lie in [data.chain_min_operands={low}, {MAX_OPERANDS_LIMIT}]")
 
 
 def _check_strategy_and_precision(cfg: Config) -> None:

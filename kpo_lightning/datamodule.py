@@ -3,6 +3,7 @@
 Sources (`data.source`, and `data.val_source` when set):
 
 * ``arithmetic``: the built-in seeded task (`kpo_lightning.arithmetic`); validation uses its held-out stream.
+* ``chain``: the built-in chained-addition task (`kpo_lightning.chain_arithmetic`), likewise.
 * a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file (or a local dataset folder);
 * anything else: a Hugging Face dataset name, loaded with
   ``datasets.load_dataset(name, data.subset, split=data.split, streaming=data.streaming)``.
@@ -238,9 +239,9 @@ def _read_file(path: Path, cfg: DataConfig) -> list[tuple[str, Any]]:
 
 
 def _classify(source: str, key: str) -> str:
-    """'arithmetic', 'file', 'dir' (a local dataset folder) or 'hub'; raises for a missing or unsupported file."""
-    if source == "arithmetic":
-        return "arithmetic"
+    """'arithmetic', 'chain', 'file', 'dir' (a local dataset folder) or 'hub'; raises for a missing or unsupported file."""
+    if source in ("arithmetic", "chain"):
+        return source
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -541,6 +542,11 @@ class PromptDataModule(pl.LightningDataModule):
 
             val = [validation_problem(self.seed, i, cfg.arithmetic_max_operand) for i in range(held_out)]
             return _ArithmeticSource(self.seed, cfg.arithmetic_max_operand), [(p["prompt"], p["answer"]) for p in val]
+        if kind == "chain":
+            from kpo_lightning.chain_arithmetic import ChainSource
+
+            chain = ChainSource(self.seed, cfg.chain_min_operands, cfg.chain_max_operands, cfg.chain_curriculum_prompts)
+            return chain, chain.validation_pairs(held_out)
         if kind == "file":
             records = files[source]
             if validation_only:

