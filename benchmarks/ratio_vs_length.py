@@ -21,6 +21,7 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -159,23 +160,37 @@ def raw_statistics(records: list[dict]) -> dict:
     return {"mean": mean, "var": var, "lag1": num / den if den > 0 else 0.0, "tokens": allz.size}
 
 
-def synthetic_switch(stats: dict, kalman: dict, length: int, rows: int, seed: int, with_mean: bool) -> tuple[float, float]:
-    """SYNTHETIC: switch frequency raw and filtered of Gaussian AR(1) log-ratio rows of `length` tokens with the
-    measured variance and lag-1 autocorrelation (and mean if `with_mean`), filtered with the same Q, V, P0."""
+SYNTHETIC_KINDS = {
+    "ar1": "Gaussian AR(1), zero mean",
+    "ar1_mean": "Gaussian AR(1), measured mean",
+    "resampled": "tokens resampled iid from the measured raw log-ratios",
+}
+
+
+def synthetic_switch(stats: dict, kalman: dict, length: int, rows: int, seed: int, kind: str,
+                     pool: np.ndarray | None = None) -> tuple[float, float]:
+    """SYNTHETIC: switch frequency raw and filtered of `rows` made-up log-ratio rows of `length` tokens, filtered
+    with the given Q, V, P0. `kind`: "ar1" (Gaussian AR(1) with the measured variance and lag-1 autocorrelation),
+    "ar1_mean" (the same plus the measured mean), "resampled" (tokens drawn iid from `pool`, the measured raw
+    log-ratios: the measured distribution's shape, heavy tails included, without its autocorrelation)."""
     import torch
 
     from kpo_lightning import causal_kalman_filter
     from kpo_lightning.metrics import switch_fractions
 
     g = torch.Generator().manual_seed(seed)
-    phi, sd = stats["lag1"], math.sqrt(stats["var"])
-    eps = torch.randn(rows, length, generator=g, dtype=torch.float64) * sd * math.sqrt(max(1 - phi * phi, 0.0))
-    z = torch.empty_like(eps)
-    z[:, 0] = torch.randn(rows, generator=g, dtype=torch.float64) * sd
-    for t in range(1, length):
-        z[:, t] = phi * z[:, t - 1] + eps[:, t]
-    if with_mean:
-        z += stats["mean"]
+    if kind == "resampled":
+        pool_t = torch.from_numpy(np.asarray(pool, dtype=np.float64))
+        z = pool_t[torch.randint(len(pool_t), (rows, length), generator=g)]
+    else:
+        phi, sd = stats["lag1"], math.sqrt(stats["var"])
+        eps = torch.randn(rows, length, generator=g, dtype=torch.float64) * sd * math.sqrt(max(1 - phi * phi, 0.0))
+        z = torch.empty_like(eps)
+        z[:, 0] = torch.randn(rows, generator=g, dtype=torch.float64) * sd
+        for t in range(1, length):
+            z[:, t] = phi * z[:, t - 1] + eps[:, t]
+        if kind == "ar1_mean":
+            z += stats["mean"]
     mask = torch.ones(rows, length, dtype=torch.bool)
     rho = causal_kalman_filter(z, mask, kalman["kalman_q"], kalman["kalman_v"], kalman["kalman_p0"])
     return float(switch_fractions(z, mask)[0].mean()), float(switch_fractions(rho, mask)[0].mean())
@@ -203,6 +218,10 @@ def main() -> None:
     p.add_argument("--also-qv", type=float, nargs="*", default=[1e-4],
                    help="also report the switch frequency of the same raw rows filtered post hoc at these Q/V (V=1)")
     p.add_argument("--plot", default="benchmarks/ratio_vs_length.png")
+    p.add_argument("--records", default="outputs/ratio_vs_length/records.pkl",
+                   help="the runs' per-row records are saved here (pickle)")
+    p.add_argument("--from-records", action="store_true",
+                   help="analyse the saved --records instead of training (same tables from the same runs)")
     p.add_argument("overrides", nargs="*", help="extra run.py key=value overrides, e.g. optim.num_minibatches=8")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -211,13 +230,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line(), flush=True)
     start = time.perf_counter()
+    minutes = 0.0
     jobs = [(args.preset, s, args.steps, args.overrides, args.threads) for s in args.seeds]
-    if args.jobs > 1 and len(jobs) > 1:
+    if args.from_records:
+        with open(args.records, "rb") as f:
+            saved = pickle.load(f)
+        runs, minutes = saved["runs"], saved["minutes"]
+        if [r["seed"] for r in runs] != args.seeds:
+            raise SystemExit(f"{args.records} holds seeds {[r['seed'] for r in runs]}, not {args.seeds}")
+        print(f"(analysing the runs saved in {args.records}; the times below are theirs)")
+    elif args.jobs > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             runs = list(pool.map(train_and_record, *zip(*jobs)))
     else:
         runs = [train_and_record(*j) for j in jobs]
-    minutes = (time.perf_counter() - start) / 60
+    if not args.from_records:
+        minutes = (time.perf_counter() - start) / 60
+        Path(args.records).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.records, "wb") as f:
+            pickle.dump({"runs": runs, "minutes": minutes}, f)
     kal = runs[0]["kalman"]
     r0 = runs[0]
     print(f"\n{len(runs)} runs (seeds {' '.join(map(str, args.seeds))}; preset={args.preset or '(default task)'}, "
@@ -269,23 +300,23 @@ def main() -> None:
     stats = raw_statistics(all_records)
     print(f"\nRaw log-ratio statistics, pooled over {stats['tokens']} off-policy tokens of all runs: mean "
           f"{stats['mean']:.3e}, variance {stats['var']:.3e}, lag-1 autocorrelation within rows {stats['lag1']:.3f}")
-    print("SYNTHETIC (Gaussian AR(1) rows with these statistics, same Q/V/P0; "
-          f"{args.synthetic_rows} rows, seeds {' '.join(map(str, args.seeds))}):")
+    pool = np.concatenate([r["z"] for r in all_records])
+    print(f"SYNTHETIC rows ({args.synthetic_rows} per seed, seeds {' '.join(map(str, args.seeds))}), filtered with the "
+          "same Q/V/P0: " + "; ".join(f"{k} = {v}" for k, v in SYNTHETIC_KINDS.items()))
     synth = {}
     lengths = sorted({round(b["length"]) for b in per_seed[0] if b["rows"] >= args.min_rows}) + [PAPER_LENGTH]
-    for with_mean in (False, True):
-        label = "measured mean" if with_mean else "zero mean"
+    for kind in SYNTHETIC_KINDS:
         for length in lengths:
-            vals = [synthetic_switch(stats, kal, length, args.synthetic_rows, s, with_mean) for s in args.seeds]
-            synth[(with_mean, length)] = vals
-            print(f"  SYNTHETIC {label}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
+            vals = [synthetic_switch(stats, kal, length, args.synthetic_rows, s, kind, pool) for s in args.seeds]
+            synth[(kind, length)] = vals
+            print(f"  SYNTHETIC {kind}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
                   f"filtered {fmt([v[1] for v in vals], '.4f')}")
     for x in args.also_qv:
         other = {**kal, "kalman_q": x, "kalman_v": 1.0}
-        for with_mean in (False, True):
-            vals = [synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, with_mean) for s in args.seeds]
-            print(f"  SYNTHETIC {'measured mean' if with_mean else 'zero mean'}, {PAPER_LENGTH} tokens, filtered at "
-                  f"Q/V={x:g}: switch freq filtered {fmt([v[1] for v in vals], '.4f')}")
+        for kind in SYNTHETIC_KINDS:
+            vals = [synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, kind, pool) for s in args.seeds]
+            print(f"  SYNTHETIC {kind}, {PAPER_LENGTH} tokens, filtered at Q/V={x:g}: switch freq filtered "
+                  f"{fmt([v[1] for v in vals], '.4f')}")
 
     plot(args, runs, per_seed, fits, synth, lengths, kal, extra)
     print(f"\nplot: {args.plot}")
@@ -322,17 +353,16 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
     ax1.plot([PAPER_LENGTH], [PAPER_RAW], "s", color=colors["raw"], mfc="none", ms=8, label="paper, raw (~0.43)")
     ax1.plot([PAPER_LENGTH], [PAPER_FILTERED], "s", color=colors["filt"], mfc="none", ms=8,
              label="paper, filtered (~0.01)")
-    for with_mean, marker in ((False, "x"), (True, "+")):
-        xs = [L for L in lengths]
-        ys = [statistics.fmean(v[1] for v in synth[(with_mean, L)]) for L in xs]
-        ax1.plot(xs, [max(y, 1e-5) for y in ys], marker, color="k", ms=7,
-                 label=f"SYNTHETIC AR(1), filtered, {'measured' if with_mean else 'zero'} mean")
+    for kind, marker in (("ar1", "x"), ("ar1_mean", "+"), ("resampled", "^")):
+        ys = [statistics.fmean(v[1] for v in synth[(kind, L)]) for L in lengths]
+        ax1.plot(lengths, [max(y, 1e-5) for y in ys], marker, color="k", ms=6, mfc="none",
+                 label=f"SYNTHETIC filtered: {SYNTHETIC_KINDS[kind]}")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("response length (valid tokens)")
     ax1.set_ylabel("switch frequency")
     ax1.set_title(f"switch frequency (Q/V={kal['kalman_q'] / kal['kalman_v']:g})")
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=6, loc="lower left")
     ax2.set_xscale("log")
     ax1.set_xlim(6, 6000)
     ax2.set_xlim(6, 6000)

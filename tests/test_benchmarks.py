@@ -58,13 +58,20 @@ def test_ratio_vs_length_bins_pool_tokens_and_fit_recovers_a_power_law():
     assert abs(slope + 1) < 0.05, slope  # sw = 2/L on every row: bin means ~ 1/L (exactly -1 only per row)
 
 
-def test_ratio_vs_length_synthetic_iid_noise_switches_half_the_time():
+def test_ratio_vs_length_synthetic_rows_switch_as_their_distribution_says():
+    import numpy as np
     from ratio_vs_length import synthetic_switch
 
     raw, filt = synthetic_switch({"mean": 0.0, "var": 1e-3, "lag1": 0.0}, {"kalman_q": 1e-6, "kalman_v": 1.0,
-                                                                           "kalman_p0": 0.0}, 512, 64, 0, False)
+                                                                           "kalman_p0": 0.0}, 512, 64, 0, "ar1")
     assert abs(raw - 0.5) < 0.02, raw  # measured 0.50
-    assert filt < 0.1, filt  # the filter's weighted running sum rarely crosses 0
+    assert filt < 0.1, filt  # the filter's weighted running sum rarely crosses 0 (measured 0.04)
+    raw, _ = synthetic_switch({}, {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0}, 512, 64, 0, "resampled",
+                              np.array([-1.0, 1.0, 2.0, -2.0]))
+    assert abs(raw - 0.5) < 0.02, raw  # tokens drawn iid from a symmetric pool: sign flips half the time
+    raw, _ = synthetic_switch({}, {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0}, 512, 64, 0, "resampled",
+                              np.array([-1.0, 1.0, 2.0, 3.0]))
+    assert abs(raw - 0.375) < 0.02, raw  # P(>0) = 3/4: flips 2 * 3/4 * 1/4 of the time
 
 
 def test_stress_losses_counts_a_nonfinite_stop_or_halved_accuracy_as_collapse():
@@ -87,7 +94,8 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "benchmarks/ratio_vs_length.py", "--steps", "2", "--seeds", "0", "--jobs",
-                          "1", "--synthetic-rows", "8", "--min-rows", "1", "--plot", str(tmp_path / "rvl.png")]
+                          "1", "--synthetic-rows", "8", "--min-rows", "1", "--plot", str(tmp_path / "rvl.png"),
+                          "--records", str(tmp_path / "records.pkl")]
                          + small, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         subprocess.Popen([sys.executable, "benchmarks/stress_losses.py", "--steps", "1", "--seeds", "0", "1",
                           "--losses", "grpo", "--minibatches", "2", "--jobs", "2", "--out", str(tmp_path / "runs"),
@@ -100,7 +108,7 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
         assert out.startswith("machine: "), out[:200]
     rvl, sl = outs[0][0], outs[1][0]
     assert re.search(r"^\| 8-16 \| \d+ \| \d+ \| [\d.]+ \+- ", rvl, re.M), rvl
-    assert "SYNTHETIC zero mean, 4096 tokens: switch freq raw" in rvl
+    assert "SYNTHETIC ar1, 4096 tokens: switch freq raw" in rvl and "SYNTHETIC resampled, 4096 tokens" in rvl
     assert re.search(r"^\| 0\.0001 \| grpo \| [\d.]+ \| [\d.]+ \+- [\d.]+ \([\d.-]+\) \|.*\| \d/2 \|", sl, re.M), sl
     assert (tmp_path / "rvl.png").stat().st_size > 10_000 and (tmp_path / "sl.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "lr0.0001-grpo-seed1" / "tensorboard").is_dir()
