@@ -172,7 +172,10 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="run.py preset (e.g. chain); default: the embedded default task")
     p.add_argument("--losses", nargs="+", default=LOSSES)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
-    p.add_argument("--kalman-q", type=float, nargs="+", default=None, help="Q values for the KPO losses (V=1)")
+    p.add_argument("--kalman-q", type=lambda x: None if x == "paper" else float(x), nargs="+", default=None,
+                   help="Q values for the KPO losses (V=1); 'paper' = the loss's paper default")
+    p.add_argument("--reference", default="grpo",
+                   help="the cell the t column compares with, at the same learning rate (e.g. 'kpo_clipped')")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=None, help="rollout steps (default: the preset's)")
     p.add_argument("--minibatches", type=int, default=8, help="mini-batches per rollout (default 8)")
@@ -211,9 +214,9 @@ def main() -> None:
           f"{'; ' + ' '.join(args.overrides) if args.overrides else ''}")
     print(machine_line())
     print(f"collapsed = non-finite stop, or final val acc < {args.collapse_ratio:g} x val acc before. t = Welch's t of "
-          "the change in val acc against grpo at the same learning rate (|t| < ~2.3: within seed noise at 5% for "
+          f"the change in val acc against {args.reference} at the same learning rate (|t| < ~2.3: within seed noise at 5% for "
           "5 vs 5 seeds)\n")
-    header = ("| lr | loss | val acc before | val acc after: mean +- sd (min-median-max) | change | t vs grpo | "
+    header = (f"| lr | loss | val acc before | val acc after: mean +- sd (min-median-max) | change | t vs {args.reference} | "
               "reward, last quarter | collapsed | clip frac low / high | skipped steps |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -221,8 +224,9 @@ def main() -> None:
         after = [x["after"] for x in st]
         finite = [a for a in after if not math.isnan(a)]
         delta = [x["delta"] for x in st if not math.isnan(x["delta"])]
-        ref = [x["delta"] for x in stats.get((lr, "grpo", None), []) if not math.isnan(x["delta"])]
-        t = welch_t(delta, ref) if loss != "grpo" else float("nan")
+        ref_cell = next((c for c in stats if c[0] == lr and cell_name(*c) == args.reference), None)
+        ref = [x["delta"] for x in stats.get(ref_cell, []) if not math.isnan(x["delta"])]
+        t = welch_t(delta, ref) if ref_cell is not None and ref_cell != (lr, loss, q) else float("nan")
         n_nonfinite = sum(x["nonfinite_stop"] for x in st)
         print(f"| {lr:g} | {cell_name(lr, loss, q)} | {mean([x['before'] for x in st]):.3f} | "
               f"{mean(finite):.3f} +- {sd(finite):.3f} ({spread(finite, '.3f') if finite else '-'}) | "
