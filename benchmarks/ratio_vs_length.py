@@ -343,7 +343,7 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
         for j, bins in enumerate(per_seed):
             pts = [(b["length"], b[key]) for b in bins if b["rows"] >= args.min_rows]
             if pts:
-                ax1.plot(*zip(*pts), "o--", color=color, alpha=0.6, ms=3,
+                ax1.plot(*zip(*pts), "--", color=color, alpha=0.6, lw=1,
                          label=f"filtered post hoc at Q/V={x:g}" if j == 0 else None)
     grid = np.geomspace(8, PAPER_LENGTH, 50)
     for j, f in enumerate(fits["sw_filt"]):
@@ -362,7 +362,8 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
     ax1.set_xlabel("response length (valid tokens)")
     ax1.set_ylabel("switch frequency")
     ax1.set_title(f"switch frequency (Q/V={kal['kalman_q'] / kal['kalman_v']:g})")
-    ax1.legend(fontsize=6, loc="lower left")
+    ax1.set_ylim(3e-4, 1)
+    ax1.legend(fontsize=6, loc="lower left", ncol=2)
     ax2.set_xscale("log")
     ax1.set_xlim(6, 6000)
     ax2.set_xlim(6, 6000)
