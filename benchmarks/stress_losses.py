@@ -48,6 +48,7 @@ class Run:
     rc: int | None = None
     seconds: float = float("nan")
     scalars: dict = field(default_factory=dict)
+    reused: bool = False
 
     @property
     def cell(self) -> tuple:
@@ -83,7 +84,7 @@ def build_runs(args) -> list[Run]:
     return runs
 
 
-def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> None:
+def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> int:
     """Run the commands, `jobs` at a time; each writes done.json (exit code, seconds, command) when it ends."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -94,6 +95,7 @@ def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> None:
             info = json.loads(done.read_text())
             if info["cmd"][1:] == run.cmd[1:]:
                 run.rc, run.seconds = info["rc"], info["seconds"]
+                run.reused = True
                 continue
         pending.append(run)
     active: list[tuple[Run, subprocess.Popen, float, object]] = []
@@ -208,7 +210,9 @@ def main() -> None:
         cells.setdefault(run.cell, []).append(run)
     stats = {c: [summarize(r, args.collapse_ratio) for r in rs] for c, rs in cells.items()}
     steps = max((len(r.scalars.get("train/reward", [])) for r in runs), default=0)
-    print(f"\n{len(runs)} runs took {minutes:.1f} min ({args.jobs} at a time); per run "
+    reused = sum(r.reused for r in runs)
+    print(f"\n{len(runs) - reused} runs took {minutes:.1f} min ({args.jobs} at a time)"
+          f"{f', {reused} more read from earlier runs (--reuse)' if reused else ''}; per run "
           f"{spread([r.seconds for r in runs], '.0f')} s wall; {steps} rollout steps, {args.minibatches} mini-batches"
           f"{f' x {args.epochs} epochs' if args.epochs else ''} per rollout; seeds {' '.join(map(str, args.seeds))}"
           f"{'; ' + ' '.join(args.overrides) if args.overrides else ''}")
