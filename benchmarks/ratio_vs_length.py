@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import math
 import os
 import pickle
@@ -39,10 +40,8 @@ PAPER_RAW, PAPER_FILTERED, PAPER_LENGTH = 0.43, 0.01, 4096
 
 def train_and_record(preset: str | None, seed: int, steps: int | None, overrides: list[str], threads: int) -> dict:
     """One real training run; returns per-row records of its off-policy micro-batches and the filter it used."""
-    import torch
-
-    torch.set_num_threads(threads)
     import lightning.pytorch as pl
+    import torch
 
     from kpo_lightning import KPOModule, PromptDataModule, RolloutCallback, load_model_and_tokenizer
     from kpo_lightning.cli import check_inputs
@@ -50,6 +49,8 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
     from kpo_lightning.config_loading import load_config
     from kpo_lightning.metrics import switch_fractions
     from kpo_lightning.train_main import build_trainer
+
+    torch.set_num_threads(threads)
 
     class RecordingModule(KPOModule):
         """KPOModule that keeps per-row ratio statistics of every off-policy micro-batch it trains on."""
@@ -121,7 +122,7 @@ def bin_stats(records: list[dict], edges: list[float], extra: tuple[str, ...] = 
     """Per length bin [lo, hi): rows, mean length, mean switch fraction raw/filtered (rows with >= 2 tokens), and
     the ratio variance raw/filtered over all the bin's valid tokens."""
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         rows = [r for r in records if lo <= r["length"] < hi]
         pairs = [r for r in rows if r["has_pairs"]]
         if not pairs:

@@ -105,7 +105,7 @@ def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> int:
             if run.out.exists():
                 shutil.rmtree(run.out)  # TensorBoard appends: a stale folder would mix two runs' points
             run.out.mkdir(parents=True)
-            log = open(run.out / "run.log", "w")
+            log = open(run.out / "run.log", "w")  # noqa: SIM115 (open while the run lasts; closed when it ends)
             active.append((run, subprocess.Popen(run.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                            time.perf_counter(), log))
         time.sleep(0.2)

@@ -107,8 +107,8 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert out.startswith("machine: "), out[:200]
     rvl, sl = outs[0][0], outs[1][0]
-    assert re.search(r"^\| 8-16 \| \d+ \| \d+ \| [\d.]+ \+- ", rvl, re.M), rvl
+    assert re.search(r"^\| 8-16 \| \d+ \| \d+ \| [\d.]+ \+- ", rvl, re.MULTILINE), rvl
     assert "SYNTHETIC ar1, 4096 tokens: switch freq raw" in rvl and "SYNTHETIC resampled, 4096 tokens" in rvl
-    assert re.search(r"^\| 0\.0001 \| grpo \| [\d.]+ \| [\d.]+ \+- [\d.]+ \([\d.-]+\) \|.*\| \d/2 \|", sl, re.M), sl
+    assert re.search(r"^\| 0\.0001 \| grpo \| [\d.]+ \| [\d.]+ \+- [\d.]+ \([\d.-]+\) \|.*\| \d/2 \|", sl, re.MULTILINE), sl
     assert (tmp_path / "rvl.png").stat().st_size > 10_000 and (tmp_path / "sl.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "lr0.0001-grpo-seed1" / "tensorboard").is_dir()
