@@ -68,18 +68,31 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
                 n = int(m[i].sum())
                 if n == 0:
                     continue
-                self.records.append({
-                    "step": self.rollout_step, "length": n, "has_pairs": bool(ok[i]),
-                    "sw_raw": float(sw_raw[i]), "sw_filt": float(sw_filt[i]),
-                    "d_raw": (float(d_raw[i].sum()), float(d_raw[i].square().sum())),
-                    "d_filt": (float(d_filt[i].sum()), float(d_filt[i].square().sum())),
-                    "z": raw[i][m[i]].double().numpy().astype(np.float32),  # raw log-ratios, for the synthetic model
-                })
+                self.records.append(
+                    {
+                        "step": self.rollout_step,
+                        "length": n,
+                        "has_pairs": bool(ok[i]),
+                        "sw_raw": float(sw_raw[i]),
+                        "sw_filt": float(sw_filt[i]),
+                        "d_raw": (float(d_raw[i].sum()), float(d_raw[i].square().sum())),
+                        "d_filt": (float(d_filt[i].sum()), float(d_filt[i].square().sum())),
+                        "z": raw[i][m[i]]
+                        .double()
+                        .numpy()
+                        .astype(np.float32),  # raw log-ratios, for the synthetic model
+                    }
+                )
             return raw, filtered, m
 
-    args = ([f"preset={preset}"] if preset else []) + [f"seed={seed}", "eval.every_n_steps=0",
-                                                       "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0",
-                                                       "checkpoint.every_n_steps=0", "output_dir=outputs/ratio_vs_length"]
+    args = ([f"preset={preset}"] if preset else []) + [
+        f"seed={seed}",
+        "eval.every_n_steps=0",
+        "log.samples_every_n_steps=0",
+        "log.ratio_plot_every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+        "output_dir=outputs/ratio_vs_length",
+    ]
     if steps is not None:
         args.append(f"trainer.max_steps={steps}")
     cfg = load_config(args + list(overrides))
@@ -88,17 +101,34 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
     data = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    module = RecordingModule(model, tokenizer, loss=cfg.loss, optim=cfg.optim, rollout=cfg.rollout,
-                             reward=cfg.reward, eval=cfg.eval, log=cfg.log, reward_fn=reward_fn, seed=cfg.seed)
+    module = RecordingModule(
+        model,
+        tokenizer,
+        loss=cfg.loss,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        reward=cfg.reward,
+        eval=cfg.eval,
+        log=cfg.log,
+        reward_fn=reward_fn,
+        seed=cfg.seed,
+    )
     module.records = []
     trainer = build_trainer(cfg, [RolloutCallback()], logger=False)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(module, datamodule=data)  # quiet: progress bar and Lightning's notes
-    return {"seed": seed, "records": module.records, "kalman": dict(module.diag_kalman), "loss": cfg.loss.type,
-            "steps": cfg.trainer.max_steps, "minibatches": cfg.optim.num_minibatches,
-            "epochs": cfg.optim.epochs_per_rollout, "max_new_tokens": cfg.rollout.max_new_tokens,
-            "seconds": time.perf_counter() - start}
+    return {
+        "seed": seed,
+        "records": module.records,
+        "kalman": dict(module.diag_kalman),
+        "loss": cfg.loss.type,
+        "steps": cfg.trainer.max_steps,
+        "minibatches": cfg.optim.num_minibatches,
+        "epochs": cfg.optim.epochs_per_rollout,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def refilter(records: list[dict], q: float, v: float, p0: float) -> list[float]:
@@ -128,9 +158,14 @@ def bin_stats(records: list[dict], edges: list[float], extra: tuple[str, ...] = 
         if not pairs:
             out.append({"lo": lo, "hi": hi, "rows": 0})
             continue
-        stats = {"lo": lo, "hi": hi, "rows": len(rows), "length": statistics.fmean(r["length"] for r in rows),
-                 "sw_raw": statistics.fmean(r["sw_raw"] for r in pairs),
-                 "sw_filt": statistics.fmean(r["sw_filt"] for r in pairs)}
+        stats = {
+            "lo": lo,
+            "hi": hi,
+            "rows": len(rows),
+            "length": statistics.fmean(r["length"] for r in rows),
+            "sw_raw": statistics.fmean(r["sw_raw"] for r in pairs),
+            "sw_filt": statistics.fmean(r["sw_filt"] for r in pairs),
+        }
         stats.update({key: statistics.fmean(r[key] for r in pairs) for key in extra})
         n = sum(r["length"] for r in rows)
         for key in ("raw", "filt"):
@@ -168,8 +203,9 @@ SYNTHETIC_KINDS = {
 }
 
 
-def synthetic_switch(stats: dict, kalman: dict, length: int, rows: int, seed: int, kind: str,
-                     pool: np.ndarray | None = None) -> tuple[float, float]:
+def synthetic_switch(
+    stats: dict, kalman: dict, length: int, rows: int, seed: int, kind: str, pool: np.ndarray | None = None
+) -> tuple[float, float]:
     """SYNTHETIC: switch frequency raw and filtered of `rows` made-up log-ratio rows of `length` tokens, filtered
     with the given Q, V, P0. `kind`: "ar1" (Gaussian AR(1) with the measured variance and lag-1 autocorrelation),
     "ar1_mean" (the same plus the measured mean), "resampled" (tokens drawn iid from `pool`, the measured raw
@@ -212,17 +248,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run (default: the preset's)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--bins", type=float, nargs="+", default=[1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256],
-                   help="length bin edges (valid tokens)")
+    p.add_argument(
+        "--bins",
+        type=float,
+        nargs="+",
+        default=[1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+        help="length bin edges (valid tokens)",
+    )
     p.add_argument("--min-rows", type=int, default=20, help="bins with fewer rows (per seed) are left out of the fit")
     p.add_argument("--synthetic-rows", type=int, default=256)
-    p.add_argument("--also-qv", type=float, nargs="*", default=[1e-4],
-                   help="also report the switch frequency of the same raw rows filtered post hoc at these Q/V (V=1)")
+    p.add_argument(
+        "--also-qv",
+        type=float,
+        nargs="*",
+        default=[1e-4],
+        help="also report the switch frequency of the same raw rows filtered post hoc at these Q/V (V=1)",
+    )
     p.add_argument("--plot", default="benchmarks/ratio_vs_length.png")
-    p.add_argument("--records", default="outputs/ratio_vs_length/records.pkl",
-                   help="the runs' per-row records are saved here (pickle)")
-    p.add_argument("--from-records", action="store_true",
-                   help="analyse the saved --records instead of training (same tables from the same runs)")
+    p.add_argument(
+        "--records",
+        default="outputs/ratio_vs_length/records.pkl",
+        help="the runs' per-row records are saved here (pickle)",
+    )
+    p.add_argument(
+        "--from-records",
+        action="store_true",
+        help="analyse the saved --records instead of training (same tables from the same runs)",
+    )
     p.add_argument("overrides", nargs="*", help="extra run.py key=value overrides, e.g. optim.num_minibatches=8")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -252,12 +304,14 @@ def main() -> None:
             pickle.dump({"runs": runs, "minutes": minutes}, f)
     kal = runs[0]["kalman"]
     r0 = runs[0]
-    print(f"\n{len(runs)} runs (seeds {' '.join(map(str, args.seeds))}; preset={args.preset or '(default task)'}, "
-          f"loss {r0['loss']}, {r0['steps']} rollout steps, {r0['minibatches']} mini-batches x {r0['epochs']} epochs "
-          f"per rollout, max_new_tokens {r0['max_new_tokens']}{', ' + ' '.join(args.overrides) if args.overrides else ''}"
-          f") took {minutes:.1f} min with {args.jobs} at a time; per run "
-          f"{spread([r['seconds'] for r in runs], '.0f')} s training; filter Q={kal['kalman_q']:g} V={kal['kalman_v']:g} "
-          f"P0={kal['kalman_p0']:g}")
+    print(
+        f"\n{len(runs)} runs (seeds {' '.join(map(str, args.seeds))}; preset={args.preset or '(default task)'}, "
+        f"loss {r0['loss']}, {r0['steps']} rollout steps, {r0['minibatches']} mini-batches x {r0['epochs']} epochs "
+        f"per rollout, max_new_tokens {r0['max_new_tokens']}{', ' + ' '.join(args.overrides) if args.overrides else ''}"
+        f") took {minutes:.1f} min with {args.jobs} at a time; per run "
+        f"{spread([r['seconds'] for r in runs], '.0f')} s training; filter Q={kal['kalman_q']:g} V={kal['kalman_v']:g} "
+        f"P0={kal['kalman_p0']:g}"
+    )
     print(machine_line() + "\n")
 
     extra = tuple(f"sw_qv{qv:g}" for qv in args.also_qv)
@@ -267,9 +321,11 @@ def main() -> None:
                 rec[key] = sw
     per_seed = [bin_stats(r["records"], args.bins, extra) for r in runs]
     qv = kal["kalman_q"] / kal["kalman_v"]
-    header = (f"| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered (Q/V={qv:g}) | "
-              + "".join(f"switch freq filtered post hoc at Q/V={x:g} | " for x in args.also_qv)
-              + "ratio var raw | ratio var filtered |")
+    header = (
+        f"| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered (Q/V={qv:g}) | "
+        + "".join(f"switch freq filtered post hoc at Q/V={x:g} | " for x in args.also_qv)
+        + "ratio var raw | ratio var filtered |"
+    )
     print("Off-policy rows by valid length; per bin: mean +- sd over seeds (min-median-max)\n")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -278,10 +334,13 @@ def main() -> None:
         if not cells:
             continue
         col = {k: [c[k] for c in cells] for k in ("length", "sw_raw", "sw_filt", "var_raw", "var_filt") + extra}
-        print(f"| {lo:g}-{hi:g} | {sum(c['rows'] for c in cells)} | {statistics.fmean(col['length']):.0f} | "
-              f"{fmt(col['sw_raw'])} | {fmt(col['sw_filt'], '.4f')} | "
-              + "".join(f"{fmt(col[k], '.4f')} | " for k in extra) + f"{fmt(col['var_raw'], '.2e')} | "
-              f"{fmt(col['var_filt'], '.2e')} |")
+        print(
+            f"| {lo:g}-{hi:g} | {sum(c['rows'] for c in cells)} | {statistics.fmean(col['length']):.0f} | "
+            f"{fmt(col['sw_raw'])} | {fmt(col['sw_filt'], '.4f')} | "
+            + "".join(f"{fmt(col[k], '.4f')} | " for k in extra)
+            + f"{fmt(col['var_raw'], '.2e')} | "
+            f"{fmt(col['var_filt'], '.2e')} |"
+        )
 
     fits = {key: [loglog_fit(b, key, args.min_rows) for b in per_seed] for key in ("sw_raw", "sw_filt") + extra}
     print(f"\nLog-log fit of switch frequency against length, per seed (bins with >= {args.min_rows} rows):")
@@ -293,31 +352,43 @@ def main() -> None:
             continue
         slopes = [s for s, _ in ok]
         at = [math.exp(c + s * math.log(PAPER_LENGTH)) for s, c in ok]
-        print(f"  {name}: slope {fmt(slopes, '.2f')}; extrapolated to {PAPER_LENGTH} tokens: {fmt(at, '.4f')} "
-              f"(paper: {PAPER_RAW if name == 'raw' else PAPER_FILTERED}"
-              f"{'' if name == 'raw' else ' at Q/V=1e-6'})")
+        print(
+            f"  {name}: slope {fmt(slopes, '.2f')}; extrapolated to {PAPER_LENGTH} tokens: {fmt(at, '.4f')} "
+            f"(paper: {PAPER_RAW if name == 'raw' else PAPER_FILTERED}"
+            f"{'' if name == 'raw' else ' at Q/V=1e-6'})"
+        )
 
     all_records = [r for run in runs for r in run["records"]]
     stats = raw_statistics(all_records)
-    print(f"\nRaw log-ratio statistics, pooled over {stats['tokens']} off-policy tokens of all runs: mean "
-          f"{stats['mean']:.3e}, variance {stats['var']:.3e}, lag-1 autocorrelation within rows {stats['lag1']:.3f}")
+    print(
+        f"\nRaw log-ratio statistics, pooled over {stats['tokens']} off-policy tokens of all runs: mean "
+        f"{stats['mean']:.3e}, variance {stats['var']:.3e}, lag-1 autocorrelation within rows {stats['lag1']:.3f}"
+    )
     pool = np.concatenate([r["z"] for r in all_records])
-    print(f"SYNTHETIC rows ({args.synthetic_rows} per seed, seeds {' '.join(map(str, args.seeds))}), filtered with the "
-          "same Q/V/P0: " + "; ".join(f"{k} = {v}" for k, v in SYNTHETIC_KINDS.items()))
+    print(
+        f"SYNTHETIC rows ({args.synthetic_rows} per seed, seeds {' '.join(map(str, args.seeds))}), filtered with the "
+        "same Q/V/P0: " + "; ".join(f"{k} = {v}" for k, v in SYNTHETIC_KINDS.items())
+    )
     synth = {}
     lengths = sorted({round(b["length"]) for b in per_seed[0] if b["rows"] >= args.min_rows}) + [PAPER_LENGTH]
     for kind in SYNTHETIC_KINDS:
         for length in lengths:
             vals = [synthetic_switch(stats, kal, length, args.synthetic_rows, s, kind, pool) for s in args.seeds]
             synth[(kind, length)] = vals
-            print(f"  SYNTHETIC {kind}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
-                  f"filtered {fmt([v[1] for v in vals], '.4f')}")
+            print(
+                f"  SYNTHETIC {kind}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
+                f"filtered {fmt([v[1] for v in vals], '.4f')}"
+            )
     for x in args.also_qv:
         other = {**kal, "kalman_q": x, "kalman_v": 1.0}
         for kind in SYNTHETIC_KINDS:
-            vals = [synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, kind, pool) for s in args.seeds]
-            print(f"  SYNTHETIC {kind}, {PAPER_LENGTH} tokens, filtered at Q/V={x:g}: switch freq filtered "
-                  f"{fmt([v[1] for v in vals], '.4f')}")
+            vals = [
+                synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, kind, pool) for s in args.seeds
+            ]
+            print(
+                f"  SYNTHETIC {kind}, {PAPER_LENGTH} tokens, filtered at Q/V={x:g}: switch freq filtered "
+                f"{fmt([v[1] for v in vals], '.4f')}"
+            )
 
     plot(args, runs, per_seed, fits, synth, lengths, kal, extra)
     print(f"\nplot: {args.plot}")
@@ -344,20 +415,40 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
         for j, bins in enumerate(per_seed):
             pts = [(b["length"], b[key]) for b in bins if b["rows"] >= args.min_rows]
             if pts:
-                ax1.plot(*zip(*pts), "--", color=color, alpha=0.6, lw=1,
-                         label=f"filtered post hoc at Q/V={x:g}" if j == 0 else None)
+                ax1.plot(
+                    *zip(*pts),
+                    "--",
+                    color=color,
+                    alpha=0.6,
+                    lw=1,
+                    label=f"filtered post hoc at Q/V={x:g}" if j == 0 else None,
+                )
     grid = np.geomspace(8, PAPER_LENGTH, 50)
     for j, f in enumerate(fits["sw_filt"]):
         if f is not None:
-            ax1.plot(grid, np.exp(f[1] + f[0] * np.log(grid)), ":", color=colors["filt"], alpha=0.5,
-                     label="filtered, log-log fit extrapolated" if j == 0 else None)
+            ax1.plot(
+                grid,
+                np.exp(f[1] + f[0] * np.log(grid)),
+                ":",
+                color=colors["filt"],
+                alpha=0.5,
+                label="filtered, log-log fit extrapolated" if j == 0 else None,
+            )
     ax1.plot([PAPER_LENGTH], [PAPER_RAW], "s", color=colors["raw"], mfc="none", ms=8, label="paper, raw (~0.43)")
-    ax1.plot([PAPER_LENGTH], [PAPER_FILTERED], "s", color=colors["filt"], mfc="none", ms=8,
-             label="paper, filtered (~0.01)")
+    ax1.plot(
+        [PAPER_LENGTH], [PAPER_FILTERED], "s", color=colors["filt"], mfc="none", ms=8, label="paper, filtered (~0.01)"
+    )
     for kind, marker in (("ar1", "x"), ("ar1_mean", "+"), ("resampled", "^")):
         ys = [statistics.fmean(v[1] for v in synth[(kind, L)]) for L in lengths]
-        ax1.plot(lengths, [max(y, 1e-5) for y in ys], marker, color="k", ms=6, mfc="none",
-                 label=f"SYNTHETIC filtered: {SYNTHETIC_KINDS[kind]}")
+        ax1.plot(
+            lengths,
+            [max(y, 1e-5) for y in ys],
+            marker,
+            color="k",
+            ms=6,
+            mfc="none",
+            label=f"SYNTHETIC filtered: {SYNTHETIC_KINDS[kind]}",
+        )
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("response length (valid tokens)")
@@ -374,8 +465,11 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
     ax2.set_title("ratio variance over the bin's tokens")
     ax2.legend(fontsize=7)
     r0 = runs[0]
-    fig.suptitle(f"off-policy mini-batches of {len(runs)} {r0['loss']} runs "
-                 f"({args.preset or 'default task'}, {r0['steps']} steps, {r0['minibatches']} mini-batches)", fontsize=9)
+    fig.suptitle(
+        f"off-policy mini-batches of {len(runs)} {r0['loss']} runs "
+        f"({args.preset or 'default task'}, {r0['steps']} steps, {r0['minibatches']} mini-batches)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)
 

@@ -69,13 +69,22 @@ def build_runs(args) -> list[Run]:
                     tag = f"lr{lr:g}-{loss}" + (f"-q{q:g}" if q is not None else "") + f"-seed{seed}"
                     out = Path(args.out) / tag
                     cmd = [sys.executable, str(ROOT / "run.py")] + ([f"preset={args.preset}"] if args.preset else [])
-                    cmd += [f"loss.type={loss}", f"seed={seed}", f"optim.lr={lr}", f"output_dir={out}",
-                            "log.samples_every_n_steps=0", "log.ratio_plot_every_n_steps=0",
-                            "checkpoint.every_n_steps=0"]
+                    cmd += [
+                        f"loss.type={loss}",
+                        f"seed={seed}",
+                        f"optim.lr={lr}",
+                        f"output_dir={out}",
+                        "log.samples_every_n_steps=0",
+                        "log.ratio_plot_every_n_steps=0",
+                        "checkpoint.every_n_steps=0",
+                    ]
                     if q is not None:
                         cmd.append(f"loss.kalman_q={q}")
-                    for key, value in (("trainer.max_steps", args.steps), ("optim.num_minibatches", args.minibatches),
-                                       ("optim.epochs_per_rollout", args.epochs)):
+                    for key, value in (
+                        ("trainer.max_steps", args.steps),
+                        ("optim.num_minibatches", args.minibatches),
+                        ("optim.epochs_per_rollout", args.epochs),
+                    ):
                         if value is not None:
                             cmd.append(f"{key}={value}")
                     cmd.append(f"eval.every_n_steps={args.eval_every or args.steps or 10**6}")  # before and at the end
@@ -86,8 +95,12 @@ def build_runs(args) -> list[Run]:
 
 def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> int:
     """Run the commands, `jobs` at a time; each writes done.json (exit code, seconds, command) when it ends."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     pending = []
     for run in runs:
         done = run.out / "done.json"
@@ -106,8 +119,14 @@ def launch(runs: list[Run], jobs: int, threads: int, reuse: bool) -> int:
                 shutil.rmtree(run.out)  # TensorBoard appends: a stale folder would mix two runs' points
             run.out.mkdir(parents=True)
             log = open(run.out / "run.log", "w")  # noqa: SIM115 (open while the run lasts; closed when it ends)
-            active.append((run, subprocess.Popen(run.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                           time.perf_counter(), log))
+            active.append(
+                (
+                    run,
+                    subprocess.Popen(run.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                    time.perf_counter(),
+                    log,
+                )
+            )
         time.sleep(0.2)
         for item in list(active):
             run, proc, t0, log = item
@@ -159,14 +178,20 @@ def summarize(run: Run, collapse_ratio: float) -> dict:
     before = val[0][1] if val and val[0][0] == 0 else float("nan")
     after = val[-1][1] if run.rc == 0 and len(val) > 1 else float("nan")
     reward = [v for _, v in s.get("train/reward", [])]
-    tail = reward[-max(1, len(reward) // 4):] if reward else []
+    tail = reward[-max(1, len(reward) // 4) :] if reward else []
     finite_after = not math.isnan(after)
     collapsed = run.rc == 1 or not finite_after or after < collapse_ratio * before
-    return {"before": before, "after": after, "delta": after - before, "reward_tail": mean(tail),
-            "collapsed": collapsed, "nonfinite_stop": run.rc == 1,
-            "clip_low": mean([v for _, v in s.get("train/clip_frac_low", [])]),
-            "clip_high": mean([v for _, v in s.get("train/clip_frac_high", [])]),
-            "skipped": s.get("train/skipped_steps", [(0, 0.0)])[-1][1]}
+    return {
+        "before": before,
+        "after": after,
+        "delta": after - before,
+        "reward_tail": mean(tail),
+        "collapsed": collapsed,
+        "nonfinite_stop": run.rc == 1,
+        "clip_low": mean([v for _, v in s.get("train/clip_frac_low", [])]),
+        "clip_high": mean([v for _, v in s.get("train/clip_frac_high", [])]),
+        "skipped": s.get("train/skipped_steps", [(0, 0.0)])[-1][1],
+    }
 
 
 def main() -> None:
@@ -174,17 +199,29 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="run.py preset (e.g. chain); default: the embedded default task")
     p.add_argument("--losses", nargs="+", default=LOSSES)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
-    p.add_argument("--kalman-q", type=lambda x: None if x == "paper" else float(x), nargs="+", default=None,
-                   help="Q values for the KPO losses (V=1); 'paper' = the loss's paper default")
-    p.add_argument("--reference", default="grpo",
-                   help="the cell the t column compares with, at the same learning rate (e.g. 'kpo_clipped')")
+    p.add_argument(
+        "--kalman-q",
+        type=lambda x: None if x == "paper" else float(x),
+        nargs="+",
+        default=None,
+        help="Q values for the KPO losses (V=1); 'paper' = the loss's paper default",
+    )
+    p.add_argument(
+        "--reference",
+        default="grpo",
+        help="the cell the t column compares with, at the same learning rate (e.g. 'kpo_clipped')",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=None, help="rollout steps (default: the preset's)")
     p.add_argument("--minibatches", type=int, default=8, help="mini-batches per rollout (default 8)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per rollout (default: the preset's)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: before and end)")
-    p.add_argument("--collapse-ratio", type=float, default=0.5,
-                   help="collapsed: final val acc below this x val acc before (or a non-finite stop)")
+    p.add_argument(
+        "--collapse-ratio",
+        type=float,
+        default=0.5,
+        help="collapsed: final val acc below this x val acc before (or a non-finite stop)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     p.add_argument("--out", default="outputs/stress_losses")
@@ -197,8 +234,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # so the machine line states the runs' thread count
     print(machine_line(), flush=True)
     runs = build_runs(args)
-    print(f"{len(runs)} runs, {args.jobs} at a time, OMP_NUM_THREADS={args.threads}; e.g. "
-          f"{' '.join(runs[0].cmd[1:])}", flush=True)
+    print(
+        f"{len(runs)} runs, {args.jobs} at a time, OMP_NUM_THREADS={args.threads}; e.g. {' '.join(runs[0].cmd[1:])}",
+        flush=True,
+    )
     start = time.perf_counter()
     launch(runs, args.jobs, args.threads, args.reuse)
     minutes = (time.perf_counter() - start) / 60
@@ -211,17 +250,23 @@ def main() -> None:
     stats = {c: [summarize(r, args.collapse_ratio) for r in rs] for c, rs in cells.items()}
     steps = max((len(r.scalars.get("train/reward", [])) for r in runs), default=0)
     reused = sum(r.reused for r in runs)
-    print(f"\n{len(runs) - reused} runs took {minutes:.1f} min ({args.jobs} at a time)"
-          f"{f', {reused} more read from earlier runs (--reuse)' if reused else ''}; per run "
-          f"{spread([r.seconds for r in runs], '.0f')} s wall; {steps} rollout steps, {args.minibatches} mini-batches"
-          f"{f' x {args.epochs} epochs' if args.epochs else ''} per rollout; seeds {' '.join(map(str, args.seeds))}"
-          f"{'; ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print(
+        f"\n{len(runs) - reused} runs took {minutes:.1f} min ({args.jobs} at a time)"
+        f"{f', {reused} more read from earlier runs (--reuse)' if reused else ''}; per run "
+        f"{spread([r.seconds for r in runs], '.0f')} s wall; {steps} rollout steps, {args.minibatches} mini-batches"
+        f"{f' x {args.epochs} epochs' if args.epochs else ''} per rollout; seeds {' '.join(map(str, args.seeds))}"
+        f"{'; ' + ' '.join(args.overrides) if args.overrides else ''}"
+    )
     print(machine_line())
-    print(f"collapsed = non-finite stop, or final val acc < {args.collapse_ratio:g} x val acc before. t = Welch's t of "
-          f"the change in val acc against {args.reference} at the same learning rate (|t| < ~2.3: within seed noise at 5% for "
-          "5 vs 5 seeds)\n")
-    header = (f"| lr | loss | val acc before | val acc after: mean +- sd (min-median-max) | change | t vs {args.reference} | "
-              "reward, last quarter | collapsed | clip frac low / high | skipped steps |")
+    print(
+        f"collapsed = non-finite stop, or final val acc < {args.collapse_ratio:g} x val acc before. t = Welch's t of "
+        f"the change in val acc against {args.reference} at the same learning rate (|t| < ~2.3: within seed noise "
+        "at 5% for 5 vs 5 seeds)\n"
+    )
+    header = (
+        f"| lr | loss | val acc before | val acc after: mean +- sd (min-median-max) | change | t vs {args.reference} | "
+        "reward, last quarter | collapsed | clip frac low / high | skipped steps |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for (lr, loss, q), st in stats.items():
@@ -232,13 +277,15 @@ def main() -> None:
         ref = [x["delta"] for x in stats.get(ref_cell, []) if not math.isnan(x["delta"])]
         t = welch_t(delta, ref) if ref_cell is not None and ref_cell != (lr, loss, q) else float("nan")
         n_nonfinite = sum(x["nonfinite_stop"] for x in st)
-        print(f"| {lr:g} | {cell_name(lr, loss, q)} | {mean([x['before'] for x in st]):.3f} | "
-              f"{mean(finite):.3f} +- {sd(finite):.3f} ({spread(finite, '.3f') if finite else '-'}) | "
-              f"{mean(delta):+.3f} +- {sd(delta):.3f} | {'' if math.isnan(t) else f'{t:+.1f}'} | "
-              f"{mean([x['reward_tail'] for x in st]):.3f} +- {sd([x['reward_tail'] for x in st]):.3f} | "
-              f"{sum(x['collapsed'] for x in st)}/{len(st)}{f' ({n_nonfinite} non-finite)' if n_nonfinite else ''} | "
-              f"{mean([x['clip_low'] for x in st]):.4f} / {mean([x['clip_high'] for x in st]):.4f} | "
-              f"{mean([x['skipped'] for x in st]):.1f} |")
+        print(
+            f"| {lr:g} | {cell_name(lr, loss, q)} | {mean([x['before'] for x in st]):.3f} | "
+            f"{mean(finite):.3f} +- {sd(finite):.3f} ({spread(finite, '.3f') if finite else '-'}) | "
+            f"{mean(delta):+.3f} +- {sd(delta):.3f} | {'' if math.isnan(t) else f'{t:+.1f}'} | "
+            f"{mean([x['reward_tail'] for x in st]):.3f} +- {sd([x['reward_tail'] for x in st]):.3f} | "
+            f"{sum(x['collapsed'] for x in st)}/{len(st)}{f' ({n_nonfinite} non-finite)' if n_nonfinite else ''} | "
+            f"{mean([x['clip_low'] for x in st]):.4f} / {mean([x['clip_high'] for x in st]):.4f} | "
+            f"{mean([x['skipped'] for x in st]):.1f} |"
+        )
     plot(args, cells)
     print(f"\nplot: {args.plot}; runs (TensorBoard, config, log): {args.out}/")
 
@@ -262,7 +309,7 @@ def plot(args, cells: dict[tuple, list[Run]]) -> None:
                 continue
             arr = np.full((len(curves), n), np.nan)
             for i, c in enumerate(curves):
-                smooth = [float(np.mean(c[max(0, j - 4): j + 1])) for j in range(len(c))]  # 5-step average
+                smooth = [float(np.mean(c[max(0, j - 4) : j + 1])) for j in range(len(c))]  # 5-step average
                 arr[i, : len(c)] = smooth
             m, s = np.nanmean(arr, 0), np.nanstd(arr, 0, ddof=1) if len(curves) > 1 else np.zeros(n)
             x = np.arange(1, n + 1)
@@ -274,8 +321,11 @@ def plot(args, cells: dict[tuple, list[Run]]) -> None:
     axes[0][0].set_ylabel("training reward (5-step avg; mean +- sd over seeds)")
     axes[0][-1].legend(fontsize=7)
     n_seeds = len(next(iter(cells.values())))
-    fig.suptitle(f"{args.preset or 'default task'}, {args.minibatches} mini-batches"
-                 f"{f' x {args.epochs} epochs' if args.epochs else ''} per rollout, {n_seeds} seeds", fontsize=9)
+    fig.suptitle(
+        f"{args.preset or 'default task'}, {args.minibatches} mini-batches"
+        f"{f' x {args.epochs} epochs' if args.epochs else ''} per rollout, {n_seeds} seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(args.plot, dpi=90)
 

@@ -63,8 +63,16 @@ def test_ratio_vs_length_bins_pool_tokens_and_fit_recovers_a_power_law():
     records = []
     for length in (10, 12, 40, 50):
         d = rng.normal(0, 0.1, length)
-        records.append({"length": length, "has_pairs": True, "sw_raw": 0.4, "sw_filt": 2.0 / length,
-                        "d_raw": (d.sum(), (d ** 2).sum()), "d_filt": (0.0, 0.0)})
+        records.append(
+            {
+                "length": length,
+                "has_pairs": True,
+                "sw_raw": 0.4,
+                "sw_filt": 2.0 / length,
+                "d_raw": (d.sum(), (d**2).sum()),
+                "d_filt": (0.0, 0.0),
+            }
+        )
     bins = bin_stats(records, [8, 16, 64])
     pooled = [r for r in records if r["length"] < 16]
     s = sum(r["d_raw"][0] for r in pooled)
@@ -79,15 +87,35 @@ def test_ratio_vs_length_synthetic_rows_switch_as_their_distribution_says():
     import numpy as np
     from ratio_vs_length import synthetic_switch
 
-    raw, filt = synthetic_switch({"mean": 0.0, "var": 1e-3, "lag1": 0.0}, {"kalman_q": 1e-6, "kalman_v": 1.0,
-                                                                           "kalman_p0": 0.0}, 512, 64, 0, "ar1")
+    raw, filt = synthetic_switch(
+        {"mean": 0.0, "var": 1e-3, "lag1": 0.0},
+        {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0},
+        512,
+        64,
+        0,
+        "ar1",
+    )
     assert abs(raw - 0.5) < 0.02, raw  # measured 0.50
     assert filt < 0.1, filt  # the filter's weighted running sum rarely crosses 0 (measured 0.04)
-    raw, _ = synthetic_switch({}, {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0}, 512, 64, 0, "resampled",
-                              np.array([-1.0, 1.0, 2.0, -2.0]))
+    raw, _ = synthetic_switch(
+        {},
+        {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0},
+        512,
+        64,
+        0,
+        "resampled",
+        np.array([-1.0, 1.0, 2.0, -2.0]),
+    )
     assert abs(raw - 0.5) < 0.02, raw  # tokens drawn iid from a symmetric pool: sign flips half the time
-    raw, _ = synthetic_switch({}, {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0}, 512, 64, 0, "resampled",
-                              np.array([-1.0, 1.0, 2.0, 3.0]))
+    raw, _ = synthetic_switch(
+        {},
+        {"kalman_q": 1e-6, "kalman_v": 1.0, "kalman_p0": 0.0},
+        512,
+        64,
+        0,
+        "resampled",
+        np.array([-1.0, 1.0, 2.0, 3.0]),
+    )
     assert abs(raw - 0.375) < 0.02, raw  # P(>0) = 3/4: flips 2 * 3/4 * 1/4 of the time
 
 
@@ -96,8 +124,10 @@ def test_stress_losses_counts_a_nonfinite_stop_or_halved_accuracy_as_collapse():
 
     def run(rc, before, after):
         r = Run(1e-4, "grpo", None, 0, Path("."), rc=rc)
-        r.scalars = {"val/accuracy": [(0, before)] + ([(10, after)] if after is not None else []),
-                     "train/reward": [(i, 0.5) for i in range(1, 11)]}
+        r.scalars = {
+            "val/accuracy": [(0, before)] + ([(10, after)] if after is not None else []),
+            "train/reward": [(i, 0.5) for i in range(1, 11)],
+        }
         return summarize(r, 0.5)
 
     assert not run(0, 0.3, 0.2)["collapsed"]
@@ -110,14 +140,59 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
     small = ["data.val_size=8", "eval.k=2", "data.prompts_per_step=4", "optim.num_minibatches=2"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [
-        subprocess.Popen([sys.executable, "benchmarks/ratio_vs_length.py", "--steps", "2", "--seeds", "0", "--jobs",
-                          "1", "--synthetic-rows", "8", "--min-rows", "1", "--plot", str(tmp_path / "rvl.png"),
-                          "--records", str(tmp_path / "records.pkl")]
-                         + small, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        subprocess.Popen([sys.executable, "benchmarks/stress_losses.py", "--steps", "1", "--seeds", "0", "1",
-                          "--losses", "grpo", "--minibatches", "2", "--jobs", "2", "--out", str(tmp_path / "runs"),
-                          "--plot", str(tmp_path / "sl.png")] + small[:3], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "benchmarks/ratio_vs_length.py",
+                "--steps",
+                "2",
+                "--seeds",
+                "0",
+                "--jobs",
+                "1",
+                "--synthetic-rows",
+                "8",
+                "--min-rows",
+                "1",
+                "--plot",
+                str(tmp_path / "rvl.png"),
+                "--records",
+                str(tmp_path / "records.pkl"),
+            ]
+            + small,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "benchmarks/stress_losses.py",
+                "--steps",
+                "1",
+                "--seeds",
+                "0",
+                "1",
+                "--losses",
+                "grpo",
+                "--minibatches",
+                "2",
+                "--jobs",
+                "2",
+                "--out",
+                str(tmp_path / "runs"),
+                "--plot",
+                str(tmp_path / "sl.png"),
+            ]
+            + small[:3],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     ]
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -126,6 +201,8 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
     rvl, sl = outs[0][0], outs[1][0]
     assert re.search(r"^\| 8-16 \| \d+ \| \d+ \| [\d.]+ \+- ", rvl, re.MULTILINE), rvl
     assert "SYNTHETIC ar1, 4096 tokens: switch freq raw" in rvl and "SYNTHETIC resampled, 4096 tokens" in rvl
-    assert re.search(r"^\| 0\.0001 \| grpo \| [\d.]+ \| [\d.]+ \+- [\d.]+ \([\d.-]+\) \|.*\| \d/2 \|", sl, re.MULTILINE), sl
+    assert re.search(
+        r"^\| 0\.0001 \| grpo \| [\d.]+ \| [\d.]+ \+- [\d.]+ \([\d.-]+\) \|.*\| \d/2 \|", sl, re.MULTILINE
+    ), sl
     assert (tmp_path / "rvl.png").stat().st_size > 10_000 and (tmp_path / "sl.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "lr0.0001-grpo-seed1" / "tensorboard").is_dir()
