@@ -101,18 +101,7 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
     data = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    module = RecordingModule(
-        model,
-        tokenizer,
-        loss=cfg.loss,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        reward=cfg.reward,
-        eval=cfg.eval,
-        log=cfg.log,
-        reward_fn=reward_fn,
-        seed=cfg.seed,
-    )
+    module = RecordingModule.from_config(model, tokenizer, cfg, reward_fn)
     module.records = []
     trainer = build_trainer(cfg, [RolloutCallback()], logger=False)
     start = time.perf_counter()

@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from kpo_lightning.config import EvalConfig, LogConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig
+from kpo_lightning.config import (
+    Config,
+    EvalConfig,
+    LogConfig,
+    LossConfig,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
 from kpo_lightning.evaluation import evaluate_batch
 from kpo_lightning.kalman import causal_kalman_filter
@@ -121,6 +129,24 @@ class KPOModule(pl.LightningModule):
         self.last_logs: dict[str, float] = {}
 
     # ----------------------------------------------------------------- Lightning wiring
+    @classmethod
+    def from_config(
+        cls, policy: torch.nn.Module, tokenizer, cfg: Config, reward_fn: Callable[..., float] | None = None
+    ) -> KPOModule:
+        """The module a whole run config describes (its loss, optim, rollout, reward, eval, log sections and seed)."""
+        return cls(
+            policy,
+            tokenizer,
+            loss=cfg.loss,
+            optim=cfg.optim,
+            rollout=cfg.rollout,
+            reward=cfg.reward,
+            eval=cfg.eval,
+            log=cfg.log,
+            reward_fn=reward_fn,
+            seed=cfg.seed,
+        )
+
     def configure_callbacks(self):
         user_has_one = self._trainer is not None and any(
             isinstance(cb, RolloutCallback) for cb in self.trainer.callbacks

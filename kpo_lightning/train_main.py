@@ -127,18 +127,7 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.trainer.precision)
     datamodule = PromptDataModule(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    module = KPOModule(
-        model,
-        tokenizer,
-        loss=cfg.loss,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        reward=cfg.reward,
-        eval=cfg.eval,
-        log=cfg.log,
-        reward_fn=reward_fn,
-        seed=cfg.seed,
-    )
+    module = KPOModule.from_config(model, tokenizer, cfg, reward_fn)
     checkpoint = RolloutCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
     trainer = build_trainer(cfg, [RolloutCallback(), checkpoint], logger)

@@ -130,3 +130,20 @@ def test_export_a_checkpoint_to_a_hf_folder(char_tokenizer, tiny_model, tmp_path
     loaded = AutoModelForCausalLM.from_pretrained(out)
     for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_from_config_builds_the_module_a_run_config_describes(char_tokenizer, tiny_model):
+    """KPOModule.from_config takes every section run.py passes (and the seed), and builds the subclass it is
+    called on."""
+    from kpo_lightning.config_loading import load_config
+
+    cfg = load_config(["loss.type=grpo", "loss.clip_low=0.3", "optim.lr=0.5", "rollout.max_new_tokens=7", "seed=11"])
+
+    class Mine(KPOModule):
+        pass
+
+    module = Mine.from_config(tiny_model, char_tokenizer, cfg)
+    assert type(module) is Mine
+    assert module.loss_cfg.type == "grpo" and module.loss_options["clip_low"] == 0.3
+    assert module.optim_cfg.lr == 0.5 and module.rollout_cfg.max_new_tokens == 7 and module.seed == 11
+    assert (module.eval_cfg, module.log_cfg) == (cfg.eval, cfg.log)
