@@ -45,3 +45,17 @@ def build_tiny_random_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, *
     )
     model.eval()
     return model
+
+
+def plain_sampling_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
+    """The generation defaults the shipped tiny policies save: plain temperature-1.0 sampling, no top-k/top-p."""
+    return GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+    )

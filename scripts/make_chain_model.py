@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from kpo_lightning.arithmetic import exact_match_reward
 from kpo_lightning.chain_arithmetic import chain_problem, chain_validation_problem
 from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import tiny_llama_config
+from kpo_lightning.tiny_models import plain_sampling_config, tiny_llama_config
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-chain"
 MAX_NEW_TOKENS = 160  # the preset's rollout.max_new_tokens: the longest trace is 140 tokens with eos
@@ -134,16 +134,7 @@ def main() -> None:
         **arch,
     )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(  # the policy's defaults: plain temperature-1.0 sampling
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
+    model.generation_config = plain_sampling_config(tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from kpo_lightning.arithmetic import arithmetic_problem, exact_match_reward, format_completion, validation_problem
 from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import tiny_llama_config
+from kpo_lightning.tiny_models import plain_sampling_config, tiny_llama_config
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 # The shipped architecture: ~0.8M parameters, ~3 MB in float32.
@@ -175,16 +175,7 @@ def main() -> None:
                 flush=True,
             )
 
-    model.generation_config = GenerationConfig(  # the policy's defaults: plain temperature-1.0 sampling
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=12,
-    )
+    model.generation_config = plain_sampling_config(tokenizer, max_new_tokens=12)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
