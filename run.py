@@ -2,7 +2,7 @@
 
 import sys
 
-from kpo_lightning.cli import main
+from kpo_lightning.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

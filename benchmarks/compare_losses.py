@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from machine import machine_line, spread  # noqa: E402  (benchmarks/machine.py; benchmarks/ is sys.path[0])
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from kpo_lightning.cli import main as run_main  # noqa: E402
+from kpo_lightning.cli.main import main as run_main  # noqa: E402
 
 LOSSES = ["grpo", "gspo", "gmpo", "kpo", "kpo_clipped"]
 

@@ -6,7 +6,7 @@ Both frameworks get, in one process on this machine:
 - the same prompts: the built-in arithmetic stream, read through a `PromptDataModule` (TRL gets those prompts in
   the same order as a `datasets.Dataset`, not shuffled; the script checks that both trained on the same ones);
 - the same group size G, max completion length L, sampling (temperature 1, no top-p/top-k), reward function
-  (`kpo_lightning.rewards.math_reward_fn`, wrapped for TRL's batch signature), loss (GRPO: clipped token
+  (`kpo_lightning.rewards.scoring.math_reward_fn`, wrapped for TRL's batch signature), loss (GRPO: clipped token
   ratios, per-sequence token mean then mean over sequences, beta=0), AdamW hyper-parameters and gradient clipping;
 - the same work per rollout step: P prompts x G samples generated with transformers' `generate`, then M optimizer
   steps on M disjoint mini-batches of P*G/M sequences, after one no-grad forward for the "old" log-probs (both
@@ -126,8 +126,8 @@ def load_model(path: str | None):
     else:
         if path:
             raise SystemExit(f"--model {path}: not a folder")
-        from kpo_lightning.char_tokenizer import build_char_tokenizer
-        from kpo_lightning.tiny_models import build_tiny_random_model
+        from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+        from kpo_lightning.models.tiny_models import build_tiny_random_model
 
         tokenizer = build_char_tokenizer()
         model = build_tiny_random_model(tokenizer, seed=0, **TINY_ARITH_ARCH)
@@ -242,7 +242,7 @@ def run_ours(model, tokenizer, args, sync: LockStep, res: Result) -> None:
 
     from kpo_lightning import KPOModule, PromptDataModule
     from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
-    from kpo_lightning.rewards import math_reward_fn
+    from kpo_lightning.rewards.scoring import math_reward_fn
 
     warm = args.warmup  # rollout steps (batch_idx 0..warm-1) before the timed ones
 
@@ -308,7 +308,7 @@ def run_trl(model, tokenizer, args, sync: LockStep, res: Result, batches: list[d
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from kpo_lightning.rewards import math_reward_fn
+    from kpo_lightning.rewards.scoring import math_reward_fn
 
     m = args.minibatches
     warm = args.warmup * m  # optimizer steps before the timed ones; one rollout step = m optimizer steps
@@ -440,7 +440,7 @@ def quiet() -> None:
 
 def run_pair(names: list[str], base, tokenizer, args, batches, profile) -> dict[str, Result]:
     """Both frameworks in lock step (see the module docstring); returns their timed totals."""
-    from kpo_lightning import math_reward
+    from kpo_lightning.rewards import math_reward
 
     # The math reward caches (reference, answer) verdicts process-wide: emptied at every turn, so that neither
     # framework scores faster thanks to the other's answers.
@@ -485,7 +485,7 @@ def main() -> None:
         import cProfile
 
         profile = cProfile.Profile()
-    from kpo_lightning.rewards import math_reward
+    from kpo_lightning.rewards.scoring import math_reward
 
     math_reward("\\boxed{x}", "1")  # starts the math-verify worker (seconds of imports) before any timing
     base, tokenizer, described = load_model(args.model)

@@ -23,7 +23,7 @@ import torch
 from machine import machine_line, spread  # benchmarks/machine.py (benchmarks/ is sys.path[0])
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kpo_lightning.cli import main as run_main
+from kpo_lightning.cli.main import main as run_main
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,4 +1,4 @@
-"""Speed of the causal Kalman filter (kpo_lightning.kalman, spec section 2) against torch.cumsum.
+"""Speed of the causal Kalman filter (kpo_lightning.algorithms.kalman, spec section 2) against torch.cumsum.
 
 The filter runs at every forward of every optimizer step, so it should cost no more than a few
 cumsums over the same tensor. Prints median wall times (ms) on a B x T float32 batch: the filter with
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # time this checkout, not an installed copy
 from machine import machine_line, spread  # noqa: E402  (benchmarks/machine.py)
 
-from kpo_lightning.kalman import causal_kalman_filter  # noqa: E402
+from kpo_lightning.algorithms.kalman import causal_kalman_filter  # noqa: E402
 
 Q, V = 1e-6, 1.0  # the paper's setting; the cost does not depend on it
 

@@ -1,5 +1,5 @@
-"""Peak memory of per-token log-probs: naive float32 log_softmax + gather vs `kpo_lightning.logprobs`, and of the
-whole log-prob path of a training step (LM head + log-probs + backward), old route vs new.
+"""Peak memory of per-token log-probs: naive float32 log_softmax + gather vs `kpo_lightning.algorithms.logprobs`, and
+of the whole log-prob path of a training step (LM head + log-probs + backward), old route vs new.
 
 Run: `python benchmarks/logprob_memory.py [--section all|logits|path] [--repeats 3] [--tokens 2048]
 [--vocab 49152] [--dtypes bf16,fp32] [--modes fwd+bwd,fwd]
@@ -12,7 +12,7 @@ tokens, from input ids to parameter gradients, four routes: `old` = the previous
 (logits_to_keep=R+1, then logits[:, :-1], flattened for token_logprobs: a copy, and a zero-padded gradient
 in backward); `full` = a model without logits_to_keep (all T positions, scored in place with start=P-1);
 `new-copy` = logits_to_keep = the R scoring positions, the logits' gradient in a new tensor; `new` =
-kpo_lightning.sequence_logprobs (the same, gradient written over the logits). Each figure is
+kpo_lightning.algorithms.sequence_logprobs (the same, gradient written over the logits). Each figure is
 median (min-max) over --repeats fresh processes.
 
 How peak memory is measured on CPU: every (variant, dtype, mode) runs in a fresh subprocess. The child
@@ -92,7 +92,7 @@ def _child(variant: str, dtype_name: str, mode: str, n: int, vocab: int, tempera
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from kpo_lightning.logprobs import token_logprobs
+    from kpo_lightning.algorithms.logprobs import token_logprobs
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -143,8 +143,8 @@ def _path_child(variant: str, dtype_name: str, mode: str, a: argparse.Namespace)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from kpo_lightning.logprobs import token_logprobs
-    from kpo_lightning.sequence_logprobs import sequence_logprobs
+    from kpo_lightning.algorithms.logprobs import token_logprobs
+    from kpo_lightning.algorithms.sequence_logprobs import sequence_logprobs
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -324,7 +324,7 @@ def main() -> None:
         print(
             "peak = extra memory above the allocated logits; fwd+bwd includes logits.grad (logits' dtype), "
             "which every variant produces. plain-chunk = per-chunk logsumexp without a custom backward; "
-            "ours = kpo_lightning.logprobs.token_logprobs."
+            "ours = kpo_lightning.algorithms.logprobs.token_logprobs."
         )
     if args.section in ("all", "path"):
         total = args.prompt + args.response
@@ -366,7 +366,8 @@ def main() -> None:
             f"column 'param grads'); (B, R, V) = one logits tensor of the response; T = P + R = {total}. "
             "old = logits_to_keep=R+1, logits[:, :-1] flattened (copy) + zero-padded gradient; full = model "
             "without logits_to_keep, window scored in place; new-copy = logits_to_keep = the R scoring positions, "
-            "gradient in a new tensor; new = kpo_lightning.sequence_logprobs (that, gradient over the logits)."
+            "gradient in a new tensor; new = kpo_lightning.algorithms.sequence_logprobs (that, gradient over the "
+            "logits)."
         )
 
 

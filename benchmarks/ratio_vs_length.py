@@ -44,11 +44,11 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
     import torch
 
     from kpo_lightning import KPOModule, PromptDataModule, RolloutCallback, load_model_and_tokenizer
-    from kpo_lightning.cli import check_inputs
-    from kpo_lightning.config_checks import check_config
-    from kpo_lightning.config_loading import load_config
-    from kpo_lightning.metrics import switch_fractions
-    from kpo_lightning.train_main import build_trainer
+    from kpo_lightning.algorithms.metrics import switch_fractions
+    from kpo_lightning.cli.config_checks import check_config
+    from kpo_lightning.cli.config_loading import load_config
+    from kpo_lightning.cli.main import check_inputs
+    from kpo_lightning.cli.train import build_trainer
 
     torch.set_num_threads(threads)
 
@@ -126,7 +126,7 @@ def refilter(records: list[dict], q: float, v: float, p0: float) -> list[float]:
     import torch
 
     from kpo_lightning import causal_kalman_filter
-    from kpo_lightning.metrics import switch_fractions
+    from kpo_lightning.algorithms.metrics import switch_fractions
 
     width = max(len(r["z"]) for r in records)
     z = torch.zeros(len(records), width, dtype=torch.float64)
@@ -202,7 +202,7 @@ def synthetic_switch(
     import torch
 
     from kpo_lightning import causal_kalman_filter
-    from kpo_lightning.metrics import switch_fractions
+    from kpo_lightning.algorithms.metrics import switch_fractions
 
     g = torch.Generator().manual_seed(seed)
     if kind == "resampled":

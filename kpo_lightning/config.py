@@ -75,7 +75,7 @@ class RewardConfig:
 @dataclass
 class LossConfig:
     type: str = "kpo_clipped"  # grpo, gspo, gmpo, kpo, kpo_clipped
-    # None means "the paper's value for this loss type" (see kpo_lightning.losses.LOSS_DEFAULTS)
+    # None means "the paper's value for this loss type" (see kpo_lightning.algorithms.losses.LOSS_DEFAULTS)
     kalman_q: float | None = None  # Q, process noise of the filter (kpo_clipped 1e-6, kpo 1e-4); only Q/V matters
     kalman_v: float | None = None  # V, observation noise (paper: 1)
     kalman_p0: float | None = None  # P0, initial state variance (released code: 0)
@@ -109,7 +109,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu, gpu, auto (Lightning)
     devices: str = "1"  # an int as a string, "auto", or a list like "0,1"
     num_nodes: int = 1  # machines (Lightning)
-    strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, kpo_lightning/strategies.py)
+    strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, kpo_lightning/training/strategies.py)
     precision: str = "32-true"  # 32-true, bf16-mixed (float32 weights, bf16 compute), bf16-true (bf16 weights)
     log_every_n_steps: int = 1  # Lightning's own logging interval (our curves log every rollout step)
 

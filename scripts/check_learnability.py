@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kpo_lightning.arithmetic import arithmetic_problem, exact_match_reward, validation_problem
+from kpo_lightning.data.arithmetic import arithmetic_problem, exact_match_reward, validation_problem
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 SAMPLING = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)

@@ -43,7 +43,7 @@ def tiny_qwen3(folder: Path, cpu: bool) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from kpo_lightning.char_tokenizer import build_char_tokenizer
+    from kpo_lightning.models.char_tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer(model_max_length=8192)
     size = (
@@ -130,10 +130,10 @@ def worker(args) -> int:
     import lightning.pytorch as pl
     import torch
 
-    import kpo_lightning.train_main as train_main
-    from kpo_lightning.cli import check_inputs
-    from kpo_lightning.config_checks import check_config
-    from kpo_lightning.config_loading import load_config
+    import kpo_lightning.cli.train as train_main
+    from kpo_lightning.cli.config_checks import check_config
+    from kpo_lightning.cli.config_loading import load_config
+    from kpo_lightning.cli.main import check_inputs
 
     class Report(pl.Callback):
         def on_train_start(self, trainer, pl_module):

@@ -1,6 +1,6 @@
 """Train the shipped `tiny-chain` policy by supervised learning and save it to kpo_lightning/assets/tiny-chain/.
 
-The policy for the chained-addition task (`kpo_lightning.chain_arithmetic`): prompt `7+5+9=`, completion
+The policy for the chained-addition task (`kpo_lightning.data.chain_arithmetic`): prompt `7+5+9=`, completion
 `7+5=12;12+9=21;\\boxed{21}` (5-16 one-digit operands, 34-140 response tokens). Like `tiny-arith`
 (scripts/make_tiny_model.py) it is meant as a starting point for RL, not a good model: supervised training on
 correct traces of the full length range (batches of 64, lr 3e-3 with warm-up and a cosine schedule planned for
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from kpo_lightning.arithmetic import exact_match_reward
-from kpo_lightning.chain_arithmetic import chain_problem, chain_validation_problem
-from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import plain_sampling_config, tiny_llama_config
+from kpo_lightning.data.arithmetic import exact_match_reward
+from kpo_lightning.data.chain_arithmetic import chain_problem, chain_validation_problem
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import plain_sampling_config, tiny_llama_config
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-chain"
 MAX_NEW_TOKENS = 160  # the preset's rollout.max_new_tokens: the longest trace is 140 tokens with eos

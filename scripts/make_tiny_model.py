@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from kpo_lightning.arithmetic import arithmetic_problem, exact_match_reward, format_completion, validation_problem
-from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import plain_sampling_config, tiny_llama_config
+from kpo_lightning.data.arithmetic import arithmetic_problem, exact_match_reward, format_completion, validation_problem
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import plain_sampling_config, tiny_llama_config
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 # The shipped architecture: ~0.8M parameters, ~3 MB in float32.

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from kpo_lightning.arithmetic import arithmetic_problem
 from kpo_lightning.config import DataConfig, ModelConfig
-from kpo_lightning.datamodule import PromptDataModule
-from kpo_lightning.lenient_reward import score
-from kpo_lightning.models import load_model_and_tokenizer
-from kpo_lightning.rewards import extract_boxed
+from kpo_lightning.data.arithmetic import arithmetic_problem
+from kpo_lightning.data.datamodule import PromptDataModule
+from kpo_lightning.models.loading import load_model_and_tokenizer
+from kpo_lightning.rewards.lenient_reward import score
+from kpo_lightning.rewards.scoring import extract_boxed
 
 
 def main() -> None:

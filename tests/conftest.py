@@ -8,8 +8,8 @@ that one place says what the quick subset leaves out (see tests/README.md).
 import pytest
 import torch
 
-from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpo_lightning.advantages import group_advantages
+from kpo_lightning.algorithms.advantages import group_advantages
 from kpo_lightning.errors import UserInputError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kpo_lightning.arithmetic import (
+from kpo_lightning.data.arithmetic import (
     ARITHMETIC_VAL_SEED_OFFSET,
     arithmetic_problem,
     exact_match_reward,
@@ -15,7 +15,7 @@ from kpo_lightning.arithmetic import (
     is_val_pair,
     validation_problem,
 )
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 ASSET = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-arith"
 

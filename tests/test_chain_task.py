@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kpo_lightning.chain_arithmetic import (
+from kpo_lightning.cli.main import main
+from kpo_lightning.config import DataConfig
+from kpo_lightning.data.chain_arithmetic import (
     CHAIN_VAL_SEED_OFFSET,
     ChainSource,
     chain_problem,
@@ -18,10 +20,8 @@ from kpo_lightning.chain_arithmetic import (
     curriculum_cap,
     is_val_chain,
 )
-from kpo_lightning.cli import main
-from kpo_lightning.config import DataConfig
-from kpo_lightning.datamodule import PromptDataModule
-from kpo_lightning.rewards import math_reward
+from kpo_lightning.data.datamodule import PromptDataModule
+from kpo_lightning.rewards.scoring import math_reward
 
 ASSET = Path(__file__).resolve().parents[1] / "kpo_lightning" / "assets" / "tiny-chain"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import write_tiny_run_inputs
 
-from kpo_lightning import checkpointing
-from kpo_lightning.checkpointing import checkpoint_problem, list_checkpoints
-from kpo_lightning.cli import main
+from kpo_lightning.cli.main import main
+from kpo_lightning.training import checkpointing
+from kpo_lightning.training.checkpointing import checkpoint_problem, list_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kpo_lightning.checkpointing import RolloutCheckpoint, latest_checkpoint, list_checkpoints
+from kpo_lightning.training.checkpointing import RolloutCheckpoint, latest_checkpoint, list_checkpoints
 
 
 class FakeTrainer:

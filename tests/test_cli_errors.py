@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kpo_lightning.cli import main
+from kpo_lightning.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kpo_lightning.config import DataConfig
-from kpo_lightning.datamodule import PromptDataModule
+from kpo_lightning.data.datamodule import PromptDataModule
 from kpo_lightning.errors import UserInputError
 
 RECORDS = [{"question": f"what is {i} plus {i}", "solution": 2 * i} for i in range(20)]
@@ -251,7 +251,7 @@ def test_chat_template_applied():
     )
     dm = PromptDataModule(cfg, word_tokenizer(template), seed=0)
     (batch,) = take(dm, 1)
-    from kpo_lightning.arithmetic import arithmetic_problem
+    from kpo_lightning.data.arithmetic import arithmetic_problem
 
     raw = arithmetic_problem(0, 0, 99, split="train")["prompt"]
     assert batch["prompt"][0] == f"<system>Be brief.</system><user>Compute {raw}</user><assistant>"

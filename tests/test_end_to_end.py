@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from kpo_lightning import KPOModule, PromptDataModule
-from kpo_lightning.cli import main
+from kpo_lightning.cli.main import main
 from kpo_lightning.config import DataConfig, LossConfig, OptimConfig, RolloutConfig
 
 
@@ -100,9 +100,9 @@ def test_run_py_few_steps_writes_tensorboard_and_final_model(char_tokenizer, tin
 
 
 def test_export_a_checkpoint_to_a_hf_folder(char_tokenizer, tiny_model, tmp_path):
-    from kpo_lightning.checkpointing import RolloutCheckpoint
-    from kpo_lightning.export import load_policy_weights, save_hf_folder
-    from kpo_lightning.tiny_models import build_tiny_random_model
+    from kpo_lightning.models.export import load_policy_weights, save_hf_folder
+    from kpo_lightning.models.tiny_models import build_tiny_random_model
+    from kpo_lightning.training.checkpointing import RolloutCheckpoint
 
     module = KPOModule(
         tiny_model,
@@ -135,7 +135,7 @@ def test_export_a_checkpoint_to_a_hf_folder(char_tokenizer, tiny_model, tmp_path
 def test_from_config_builds_the_module_a_run_config_describes(char_tokenizer, tiny_model):
     """KPOModule.from_config takes every section run.py passes (and the seed), and builds the subclass it is
     called on."""
-    from kpo_lightning.config_loading import load_config
+    from kpo_lightning.cli.config_loading import load_config
 
     cfg = load_config(["loss.type=grpo", "loss.clip_low=0.3", "optim.lr=0.5", "rollout.max_new_tokens=7", "seed=11"])
 

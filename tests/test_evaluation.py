@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from kpo_lightning.cli import main
-from kpo_lightning.evaluation import pass_at_k, summarize
+from kpo_lightning.cli.main import main
+from kpo_lightning.rollout.evaluation import pass_at_k, summarize
 
 
 @pytest.mark.parametrize("n, c, k", [(4, 0, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (6, 6, 4), (8, 3, 8)])

@@ -1,4 +1,4 @@
-"""`trainer.strategy=fsdp` (FSDP2 through kpo_lightning/strategies.py) on two gloo CPU processes.
+"""`trainer.strategy=fsdp` (FSDP2 through kpo_lightning/training/strategies.py) on two gloo CPU processes.
 
 On the same injected rollout, two FSDP processes give the single-process gradient and weights; clipping uses the
 global norm (and logs it); the optimizer's decay groups are the same; a non-finite loss on one process skips the
@@ -15,8 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gradient.py"
@@ -127,8 +127,8 @@ def test_run_py_fsdp_two_cpu_processes_exports_a_loadable_model(tmp_path):
     reference and bf16-mixed compute), two FSDP processes on CPU, then final/ loads with transformers."""
     from transformers import AutoModelForCausalLM
 
-    from kpo_lightning.export import load_policy_weights
-    from kpo_lightning.models import TINY_ARITH
+    from kpo_lightning.models.export import load_policy_weights
+    from kpo_lightning.models.loading import TINY_ARITH
 
     out = tmp_path / "run"
     cmd = [
@@ -173,7 +173,7 @@ def test_run_py_fsdp_lora_generates_and_exports_the_merged_model(tmp_path):
     final/ is the merged model, gathered from the shards."""
     from transformers import AutoModelForCausalLM
 
-    from kpo_lightning.models import TINY_ARITH
+    from kpo_lightning.models.loading import TINY_ARITH
 
     out = tmp_path / "run"
     cmd = [

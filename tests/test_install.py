@@ -1,13 +1,16 @@
 """A normal (non-editable) install runs: build the wheel, install it into a fresh venv and run `kpo-train` from a
 folder outside the checkout, so configs, presets and the shipped tiny model must come from the installed package.
 
-The venv sees the system's site-packages (torch, lightning, ... are not downloaded again: `pip install --no-deps
---no-index`), where the developer's editable install of kpo-lightning may live too; the test asserts the wheel's
+The new venv sees the site-packages of the interpreter running the tests, whatever that is (a venv, a conda env or
+a plain interpreter: a `.pth` file lists them, where `--system-site-packages` would expose the base interpreter's
+instead of the enclosing venv's), so torch, lightning, ... are not downloaded again (`pip install --no-deps
+--no-index`). The developer's editable install of kpo-lightning may live there too; the test asserts the wheel's
 copy is the one imported. About 30 s on an idle 2-core machine, most of it the one training step.
 """
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -30,6 +33,19 @@ def test_checkout_conf_is_the_package_conf():
     """One copy of the YAMLs: the checkout's conf/ is (a link to) kpo_lightning/conf, so the two cannot drift."""
     assert (ROOT / "conf").resolve() == (ROOT / "kpo_lightning" / "conf").resolve()
     assert {"default.yaml", "paper.yaml", "smollm2.yaml"} <= {p.name for p in (ROOT / "conf").iterdir()}
+
+
+def parent_site_packages() -> list[str]:
+    """The site-packages of the interpreter running the tests (its own venv's or conda env's, not its base's)."""
+    paths = list(site.getsitepackages()) + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def see_parent_site_packages(python: Path, env: dict) -> None:
+    """Append the parent's site-packages to the new venv's path with a `.pth` file. Paths named in a `.pth` are added
+    as they are (their own `.pth` files, such as an editable install's finder, are not run)."""
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], ".", env).strip()
+    Path(purelib, "_kpo_test_parent_env.pth").write_text("\n".join(parent_site_packages()) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +79,10 @@ def installed(tmp_path_factory):
     (wheel,) = (tmp / "dist").glob("kpo_lightning-*.whl")
 
     venv = tmp / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp, env=env)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp, env=env)
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
-    # pip comes from the system site-packages; run by the venv's python it installs into the venv
+    see_parent_site_packages(bin_dir / "python", env)
+    # pip comes from the parent's site-packages; run by the venv's python it installs into the venv
     run(
         [str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=tmp, env=env
     )

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpo_lightning.kalman import causal_kalman_filter, gains, kalman_filter_reference
+from kpo_lightning.algorithms.kalman import causal_kalman_filter, gains, kalman_filter_reference
 
 QV_VALUES = [1e-10, 1e-6, 1e-3, 1.0, 1e2]
 
@@ -18,7 +18,7 @@ QV_VALUES = [1e-10, 1e-6, 1e-3, 1.0, 1e2]
 def reference_filter(
     z: torch.Tensor, mask: torch.Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0
 ) -> torch.Tensor:
-    """The spec's recursion (kpo_lightning.kalman.kalman_filter_reference) of these inputs, kept in float64."""
+    """The spec's recursion (`algorithms.kalman.kalman_filter_reference`) of these inputs, kept in float64."""
     return kalman_filter_reference(z.double(), mask, q, v, p0, x0)
 
 
@@ -126,7 +126,7 @@ def test_non_contiguous_inputs_and_repeated_calls() -> None:
 @pytest.mark.parametrize("holes", [False, True])
 def test_row_groups(monkeypatch: pytest.MonkeyPatch, holes: bool) -> None:
     """On CPU, rows go in groups that share scratch buffers; every group comes out right."""
-    import kpo_lightning.kalman as kalman
+    import kpo_lightning.algorithms.kalman as kalman
 
     monkeypatch.setattr(kalman, "_PADDED_GROUP_TOKENS", 3 * 50)  # groups of 3 rows
     monkeypatch.setattr(kalman, "_HOLEY_GROUP_TOKENS", 3 * 50)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kpo_lightning.logprobs import token_entropy, token_logprobs, token_logprobs_and_entropy
+from kpo_lightning.algorithms.logprobs import token_entropy, token_logprobs, token_logprobs_and_entropy
 
 
 def _naive(logits, tokens, temperature):

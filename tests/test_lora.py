@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kpo_lightning import KPOModule, PromptDataModule
-from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import DataConfig, LoraConfig, LossConfig, ModelConfig, OptimConfig, RolloutConfig
-from kpo_lightning.export import save_hf_folder
-from kpo_lightning.models import apply_lora
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.export import save_hf_folder
+from kpo_lightning.models.loading import apply_lora
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 
 def digit_reward(prompt, completion, answer, **kwargs):

@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpo_lightning.errors import UserInputError
-from kpo_lightning.kalman import kalman_filter_reference
-from kpo_lightning.losses import (
+from kpo_lightning.algorithms.kalman import kalman_filter_reference
+from kpo_lightning.algorithms.losses import (
     AGG_MODES,
     LOSS_DEFAULTS,
     LOSS_TYPES,
@@ -17,6 +16,7 @@ from kpo_lightning.losses import (
     compute_policy_loss,
     resolve_loss_options,
 )
+from kpo_lightning.errors import UserInputError
 
 C_NORM = 16.0  # agg_norm_constant used with seq-mean-token-sum-norm
 # The log-ratio clamps, written out (not imported) so that moving them in losses.py fails these tests: token

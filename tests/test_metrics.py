@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kpo_lightning.losses import compute_policy_loss
-from kpo_lightning.metrics import RatioMean, RatioVariance, SwitchFrequency
+from kpo_lightning.algorithms.losses import compute_policy_loss
+from kpo_lightning.algorithms.metrics import RatioMean, RatioVariance, SwitchFrequency
 
 
 def shard(seed, B=5, T=11, scale=0.3):

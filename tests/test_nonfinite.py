@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kpo_lightning import KPOModule, PromptDataModule
-from kpo_lightning.checkpointing import RolloutCheckpoint, list_checkpoints
 from kpo_lightning.config import DataConfig, OptimConfig, RolloutConfig
 from kpo_lightning.errors import NonFiniteTrainingError
+from kpo_lightning.training.checkpointing import RolloutCheckpoint, list_checkpoints
 
 
 def digit_reward(prompt, completion, answer, **kwargs):

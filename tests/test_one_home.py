@@ -12,11 +12,8 @@ import pytest
 import torch
 
 import kpo_lightning
-from kpo_lightning.advantages import ESTIMATORS, group_advantages
-from kpo_lightning.config import Config, LossConfig
-from kpo_lightning.config_checks import check_config
-from kpo_lightning.errors import UserInputError
-from kpo_lightning.losses import (
+from kpo_lightning.algorithms.advantages import ESTIMATORS, group_advantages
+from kpo_lightning.algorithms.losses import (
     AGG_MODES,
     KL_ESTIMATORS,
     LOSS_DEFAULTS,
@@ -26,6 +23,9 @@ from kpo_lightning.losses import (
     compute_policy_loss,
     resolve_loss_options,
 )
+from kpo_lightning.cli.config_checks import check_config
+from kpo_lightning.config import Config, LossConfig
+from kpo_lightning.errors import UserInputError
 
 PACKAGE = Path(kpo_lightning.__file__).parent
 
@@ -63,7 +63,7 @@ def test_loss_option_names_are_the_registry_s_and_config_fields():
 
 def test_module_passes_every_set_option_of_the_loss_type():
     """KPOModule hands the loss exactly the options the registry gives its type (no list of its own)."""
-    from kpo_lightning.module import _loss_options
+    from kpo_lightning.training.module import _loss_options
 
     every = {name: 0.5 for name in LOSS_OPTIONS}  # set in the config, whether the type takes it or not
     for loss_type in LOSS_TYPES:
@@ -73,7 +73,7 @@ def test_module_passes_every_set_option_of_the_loss_type():
 
 def test_unknown_loss_type_is_one_message_everywhere(tiny_model, char_tokenizer):
     """The config check, KPOModule and compute_policy_loss raise the very same line for loss.type."""
-    from kpo_lightning.module import KPOModule
+    from kpo_lightning.training.module import KPOModule
 
     expected = f"loss.type='ppo' is invalid: use one of {', '.join(LOSS_TYPES)}"
     assert config_error(type="ppo") == expected
@@ -141,15 +141,15 @@ def test_exceptions_are_matched_by_class_not_by_name():
 def test_sampling_defaults_are_the_rollout_config_s():
     """SamplingParams() samples as the default config does (its defaults are read off RolloutConfig)."""
     from kpo_lightning.config import RolloutConfig
-    from kpo_lightning.rollout import SamplingParams
+    from kpo_lightning.rollout.engine import SamplingParams
 
     assert SamplingParams() == SamplingParams.for_training(RolloutConfig())
 
 
 def test_weight_dtype_per_accepted_precision():
     """One function says which weights each precision trains: float32 (master) weights but under bf16-true."""
-    from kpo_lightning.config_checks import PRECISIONS
-    from kpo_lightning.models import training_dtype, weight_dtype
+    from kpo_lightning.cli.config_checks import PRECISIONS
+    from kpo_lightning.models.loading import training_dtype, weight_dtype
 
     assert {p: weight_dtype(p) for p in PRECISIONS} == {
         "32-true": torch.float32,
@@ -162,7 +162,7 @@ def test_weight_dtype_per_accepted_precision():
 
 def test_readme_config_table_names_every_accepted_value():
     """The README row of each key with a list of names mentions every name the code accepts (from its one home)."""
-    from kpo_lightning.config_checks import MODES, PRECISIONS, STRATEGIES
+    from kpo_lightning.cli.config_checks import MODES, PRECISIONS, STRATEGIES
 
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
     accepted = {

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from kpo_lightning import KPOModule
-from kpo_lightning.char_tokenizer import build_char_tokenizer
+from kpo_lightning.cli.config_checks import PRECISIONS, STRATEGIES, check_config
 from kpo_lightning.config import Config, LossConfig, ModelConfig, OptimConfig, RolloutConfig
-from kpo_lightning.config_checks import PRECISIONS, STRATEGIES, check_config
 from kpo_lightning.errors import UserInputError
-from kpo_lightning.models import load_model_and_tokenizer
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.loading import load_model_and_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from ddp_gradient import FixedRollout, G, global_rollout  # noqa: E402

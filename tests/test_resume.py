@@ -14,9 +14,9 @@ from conftest import write_tiny_run_inputs
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kpo_lightning.checkpointing import list_checkpoints
-from kpo_lightning.cli import main
-from kpo_lightning.module import KPOModule
+from kpo_lightning.cli.main import main
+from kpo_lightning.training.checkpointing import list_checkpoints
+from kpo_lightning.training.module import KPOModule
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,9 +142,9 @@ def test_sigterm_end_then_resume_matches_uninterrupted_run(setup, reference, mon
 
 KILLER = """
 import os, signal, sys
-from kpo_lightning.cli import main
-from kpo_lightning.module import KPOModule
-from kpo_lightning.module import KPOModule
+from kpo_lightning.cli.main import main
+from kpo_lightning.training.module import KPOModule
+from kpo_lightning.training.module import KPOModule
 step_or_skip = KPOModule._step_or_skip
 def killed_in_step_5(self, *a, **k):
     if self.rollout_step + 1 == 5:  # mid-step: after step 5's rollout, before its optimizer step

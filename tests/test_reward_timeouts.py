@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kpo_lightning.checkpointing import list_checkpoints
 from kpo_lightning.config import RewardConfig
-from kpo_lightning.rewards import TimedReward, reward_from_config, score_completions
+from kpo_lightning.rewards.scoring import TimedReward, reward_from_config, score_completions
+from kpo_lightning.training.checkpointing import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ HANG_ON_ODD = textwrap.dedent("""
 def test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kpo_lightning.cli import main
+    from kpo_lightning.cli.main import main
 
     (tmp_path / "hang_on_odd.py").write_text(HANG_ON_ODD)
     out = tmp_path / "out"
@@ -209,7 +209,7 @@ E2E_REWARD = textwrap.dedent("""
 
 SCORE_STUCK = textwrap.dedent("""
     import signal, sys
-    from kpo_lightning.rewards import TimedReward, score_completions
+    from kpo_lightning.rewards.scoring import TimedReward, score_completions
     if sys.argv[2] == "handler":  # a Python SIGTERM handler that only takes note, as Lightning's does
         signal.signal(signal.SIGTERM, lambda *a: print("noted", flush=True))
     fn = TimedReward(sys.argv[1] + ":score", timeout_s=300, num_workers=2)

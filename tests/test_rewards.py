@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-from kpo_lightning import answer_extraction, rewards
-from kpo_lightning import math_reward as math_reward_module
 from kpo_lightning.config import RewardConfig
 from kpo_lightning.errors import UserInputError
-from kpo_lightning.rewards import extract_boxed, load_reward_fn, math_reward, score_completions
+from kpo_lightning.rewards import answer_extraction
+from kpo_lightning.rewards import math_reward as math_reward_module
+from kpo_lightning.rewards import scoring as rewards
+from kpo_lightning.rewards.scoring import extract_boxed, load_reward_fn, math_reward, score_completions
 
 
 @pytest.fixture(autouse=True)
@@ -253,7 +254,7 @@ def test_score_completions_counts_failures(caplog):
 
     kinds = ["float", "raise1", "none", "nan", "inf", "str", "int", "raise2", "bool", "tensor", "list", "big"]
     n = len(kinds)
-    with caplog.at_level(logging.WARNING, logger="kpo_lightning.rewards"):
+    with caplog.at_level(logging.WARNING, logger="kpo_lightning.rewards.scoring"):
         r, errors, timeouts = score_completions(fn, ["p"] * n, kinds, ["a"] * n)
     assert r.dtype == torch.float32 and r.shape == (n,)
     expected = [0.75, 0, 0, 0, 0, 0, 1.0, 0, 1.0, 0.5, 0, 0]
@@ -390,7 +391,7 @@ def test_math_reward_reads_after_think():
 
 
 def test_timeout_reaches_the_checker_and_is_never_cached(monkeypatch):
-    from kpo_lightning import math_verify_worker
+    from kpo_lightning.rewards import math_verify_worker
 
     calls = []
     answers = iter([None, True])  # first a timeout, then the real verdict
@@ -437,7 +438,7 @@ def test_real_timeout_is_counted():
     ],
 )
 def test_reward_config_errors_are_one_line(capsys, override, needle):
-    from kpo_lightning.cli import main
+    from kpo_lightning.cli.main import main
 
     assert main([override]) == 2
     err = capsys.readouterr().err.strip()
@@ -445,7 +446,7 @@ def test_reward_config_errors_are_one_line(capsys, override, needle):
 
 
 def test_reward_config_values_reach_the_reward(tmp_path):
-    from kpo_lightning.config_loading import load_config
+    from kpo_lightning.cli.config_loading import load_config
 
     cfg = load_config(["reward.timeout_s=3.5", "reward.answer_after_think=false"])
     fn = rewards.reward_from_config(cfg.reward)

@@ -2,7 +2,7 @@
 
 import torch
 
-from kpo_lightning.rollout import HFGenerateEngine, SamplingParams, make_rollout, response_mask_from_ids
+from kpo_lightning.rollout.engine import HFGenerateEngine, SamplingParams, make_rollout, response_mask_from_ids
 
 
 def test_response_mask_keeps_first_eos_and_drops_the_rest():

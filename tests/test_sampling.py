@@ -13,17 +13,17 @@ from tokenizers.processors import TemplateProcessing
 from transformers import GenerationConfig
 
 from kpo_lightning import KPOModule, RolloutCallback
-from kpo_lightning.char_tokenizer import build_char_tokenizer
+from kpo_lightning.algorithms.logprobs import token_logprobs
+from kpo_lightning.cli.config_checks import check_config
+from kpo_lightning.cli.config_loading import load_config
 from kpo_lightning.config import DataConfig, LossConfig, OptimConfig, RolloutConfig
-from kpo_lightning.config_checks import check_config
-from kpo_lightning.config_loading import load_config
-from kpo_lightning.datamodule import PromptDataModule
+from kpo_lightning.data.datamodule import PromptDataModule
+from kpo_lightning.data.prompt_tokens import encode_prompt
 from kpo_lightning.errors import UserInputError
-from kpo_lightning.logprobs import token_logprobs
-from kpo_lightning.prompt_tokens import encode_prompt
-from kpo_lightning.rollout import HFGenerateEngine, SamplingParams, make_rollout, sampling_seed
-from kpo_lightning.rollout_callback import RolloutInputs
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
+from kpo_lightning.rollout.callback import RolloutInputs
+from kpo_lightning.rollout.engine import HFGenerateEngine, SamplingParams, make_rollout, sampling_seed
 
 PROMPTS = ["1+2=", "12+34="]
 
@@ -340,7 +340,7 @@ def test_chat_template_kwargs_config():
 
 
 def test_chat_template_kwargs_error_is_one_line(capsys):
-    from kpo_lightning.cli import main
+    from kpo_lightning.cli.main import main
 
     code = main(["data.chat_template_kwargs.tokenize=true"])
     err = capsys.readouterr().err.strip()

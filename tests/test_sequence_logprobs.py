@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from kpo_lightning.logprobs import token_logprobs
-from kpo_lightning.sequence_logprobs import accepts_logits_to_keep, sequence_logprobs
-from kpo_lightning.tiny_models import tiny_llama_config
+from kpo_lightning.algorithms.logprobs import token_logprobs
+from kpo_lightning.algorithms.sequence_logprobs import accepts_logits_to_keep, sequence_logprobs
+from kpo_lightning.models.tiny_models import tiny_llama_config
 
 VOCAB, PAD = 53, 0
 

@@ -4,12 +4,12 @@ the SmolLM2 chat template is copied here and applied with a tokenizer built in c
 
 import pytest
 
-from kpo_lightning.cli import main
-from kpo_lightning.config_checks import check_config
-from kpo_lightning.config_loading import load_config
-from kpo_lightning.datamodule import PromptDataModule
-from kpo_lightning.lenient_reward import extract_answer, score
-from kpo_lightning.rewards import load_reward_fn
+from kpo_lightning.cli.config_checks import check_config
+from kpo_lightning.cli.config_loading import load_config
+from kpo_lightning.cli.main import main
+from kpo_lightning.data.datamodule import PromptDataModule
+from kpo_lightning.rewards.lenient_reward import extract_answer, score
+from kpo_lightning.rewards.scoring import load_reward_fn
 
 # SmolLM2-135M-Instruct's chat template, as shipped in its GGUF file (tokenizer.chat_template).
 SMOLLM2_CHAT_TEMPLATE = (
@@ -30,7 +30,7 @@ def test_preset_loads_and_passes_checks(cfg, capsys):
     assert cfg.model.name_or_path == "smollm2"
     assert cfg.data.source == "arithmetic" and cfg.data.chat_template
     assert cfg.loss.type == "kpo_clipped"
-    assert cfg.reward.fn == "kpo_lightning.lenient_reward:score"
+    assert cfg.reward.fn == "kpo_lightning.rewards.lenient_reward:score"
     assert load_reward_fn(cfg.reward.fn) is score
     assert main(["preset=smollm2", "--print-config"]) == 0
     assert "name_or_path: smollm2" in capsys.readouterr().out

@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from kpo_lightning.losses import compute_policy_loss
-from kpo_lightning.step_logs import StepLogs, Value, combine
+from kpo_lightning.algorithms.losses import compute_policy_loss
+from kpo_lightning.algorithms.step_logs import StepLogs, Value, combine
 
 
 class TwoProcesses:

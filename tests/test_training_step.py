@@ -15,11 +15,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import kpo_lightning.module as module_mod
+import kpo_lightning.training.module as module_mod
 from kpo_lightning import KPOModule
-from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from ddp_gradient import GROUPS, FixedRollout, G, global_rollout  # noqa: E402

@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import torch
 
 import kpo_lightning
-from kpo_lightning.char_tokenizer import build_char_tokenizer
-from kpo_lightning.cli import main
-from kpo_lightning.tiny_models import build_tiny_random_model
-from kpo_lightning.versions import startup_banner
+from kpo_lightning.cli.main import main
+from kpo_lightning.cli.versions import startup_banner
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-import kpo_lightning.step_logs as step_logs
+import kpo_lightning.algorithms.step_logs as step_logs
 from kpo_lightning import KPOModule, RolloutCallback
-from kpo_lightning.char_tokenizer import build_char_tokenizer
 from kpo_lightning.config import LossConfig, OptimConfig, RolloutConfig
-from kpo_lightning.rollout import Generation, Rollout
-from kpo_lightning.strategies import FSDPStrategy, is_sharded
-from kpo_lightning.tiny_models import build_tiny_random_model
+from kpo_lightning.models.char_tokenizer import build_char_tokenizer
+from kpo_lightning.models.sharding import is_sharded
+from kpo_lightning.models.tiny_models import build_tiny_random_model
+from kpo_lightning.rollout.engine import Generation, Rollout
+from kpo_lightning.training.strategies import FSDPStrategy
 
 GROUPS, G, P, R = 4, 4, 5, 7
 

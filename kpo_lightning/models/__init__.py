@@ -1,0 +1,8 @@
+"""Models and tokenizers: loading by name (local folder, hub name, GGUF, the built-ins) with LoRA, dropout and
+weight-decay rules (`loading`), the shipped tiny models and their character tokenizer (`tiny_models`,
+`char_tokenizer`), FSDP2 sharding of a transformers model in plain torch (`sharding`), and export of a checkpoint
+to a Hugging Face folder (`export`).
+
+Bottom layer, beside `algorithms` and `rewards`: imports torch, transformers, peft and `kpo_lightning.config` /
+`kpo_lightning.errors` only; never Lightning.
+"""

