@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import write_tiny_run_inputs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -100,20 +101,51 @@ def test_resume_with_another_lora_rank_is_one_line_and_keeps_the_checkpoint(setu
 
 def test_a_restore_that_fails_half_way_writes_nothing(setup, four_steps, capsys, monkeypatch):
     """The shape check bypassed, so Lightning itself fails to load the weights (after restoring the module's
-    rollout_step): nothing is saved over the checkpoint, one line names it; resumed with the right config it ends."""
+    rollout_step): nothing is saved over the checkpoint, nothing is set aside as damaged (the file is fine), one
+    line; resumed with the right config it continues."""
     out = copy_run(four_steps, setup / "restore-fails")
     ckpt = out / "checkpoints" / "step-000004.ckpt"
     before = ckpt.read_bytes()
     monkeypatch.setattr(train, "check_resume_fits", lambda *a: None)
     capsys.readouterr()
-    assert main(args(setup, out, "trainer.max_steps=6", "model.lora.r=4", f"resume={ckpt}")) == 2
+    assert main(args(setup, out, "trainer.max_steps=6", "model.lora.r=4", "resume=auto")) == 2
     captured = capsys.readouterr()
-    line = captured.err.strip().splitlines()[-1]
-    assert line.startswith(f"error: resume={ckpt}: {ckpt} could not be restored (")
+    line = one_error_line(captured.err)
+    assert line.startswith(f"error: resume: the weights in {ckpt} do not fit the model built from model.* (")
     assert "[kpo] saved" not in captured.out
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.ckpt", "step-000004.ckpt"]
-    assert main(args(setup, out, "trainer.max_steps=5", f"resume={ckpt}")) == 0
+    assert main(args(setup, out, "trainer.max_steps=5", "resume=auto")) == 0
+
+
+def test_a_checkpoint_missing_a_weight_is_one_line(setup, four_steps, tmp_path, capsys):
+    state = torch.load(four_steps / "checkpoints" / "step-000004.ckpt", weights_only=True)
+    name = sorted(state["state_dict"])[0]
+    del state["state_dict"][name]
+    ckpt = tmp_path / "step-000004.ckpt"
+    torch.save(state, ckpt)
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(args(setup, tmp_path / "out", "trainer.max_steps=6", f"resume={ckpt}")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"the weights in {ckpt} do not fit the model built from model.* (1 missing (first: {name}))" in line
+    assert ckpt.read_bytes() == before and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_names_the_changed_keys_and_trains_at_the_new_lr(setup, four_steps, capsys):
+    out = copy_run(four_steps, setup / "new-lr")
+    saved_lr = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
+    capsys.readouterr()
+    assert main(args(setup, out, "trainer.max_steps=6", "optim.lr=0.002", "resume=auto")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[kpo] resuming")]
+    assert len(lines) == 1
+    assert "keys that may change on a resume: trainer.max_steps, optim.lr," in lines[0]
+    assert f"optim.lr ({saved_lr} -> 0.002)" in lines[0] and "trainer.max_steps (4 -> 6)" in lines[0]
+    assert "also changed" not in lines[0]
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lr[4] == pytest.approx(saved_lr) and lr[5] == pytest.approx(0.002) and lr[6] == pytest.approx(0.002)
 
 
 # ---------------------------------------------------------------- item 2: the state after the last finished step

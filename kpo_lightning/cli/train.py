@@ -241,6 +241,34 @@ def _failed_in_restore(error: BaseException) -> bool:
     return any(Path(f.filename).name == "checkpoint_connector.py" for f in frames)
 
 
+def _restore_failed(cfg: Config, resume: Path, ckpt_dir: Path, error: Exception, world_size: int) -> None:
+    """A checkpoint that passed its checks failed to restore; nothing was saved (RolloutCheckpoint.on_exception).
+
+    Weights that do not fit the model (a changed model the shape check could not see, e.g. a sharded folder) are
+    one line and set nothing aside, since the file is fine. Otherwise `resume=auto` treats the file like one that
+    failed its check: set aside, and the caller continues from the next intact checkpoint (one process only); with
+    none left, or `resume=PATH`, or several processes, one line. Returns only when the caller should retry.
+    """
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    if "loading state_dict" in first:
+        raise UserInputError(
+            f"resume: the weights in {resume} do not fit the model built from model.* ({first}); resume with the "
+            "model settings it was saved with, or give another checkpoint"
+        ) from error
+    if cfg.resume in RESUME_AUTO and world_size == 1 and resume.parent == ckpt_dir:
+        _set_aside(resume, f"could not be restored ({first})", cfg.resume)
+        if cfg.resume == "auto" and not any(checkpoint_problem(p) is None for p in list_checkpoints(ckpt_dir)):
+            raise UserInputError(
+                f"resume=auto: {resume.name} could not be restored ({first}) and no older intact checkpoint is in "
+                f"{ckpt_dir}; set resume=auto_or_fresh to start fresh"
+            ) from error
+        return
+    raise UserInputError(
+        f"resume={cfg.resume}: {resume} could not be restored ({first}); give another checkpoint, or rename it to "
+        f"{resume.name}{DAMAGED_SUFFIX} and resume=auto to continue from the one before"
+    ) from error
+
+
 def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -296,16 +324,8 @@ def run_train(cfg: Config, reward_fn: Callable[..., float]) -> int:
     except Exception as e:
         if resume is None or checkpoint.training_started or not _failed_in_restore(e):
             raise
-        # The file passed its checks but could not be restored: nothing was saved (RolloutCheckpoint.on_exception);
-        # resume=auto treats it like a failed check and continues from the next intact checkpoint.
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if cfg.resume in RESUME_AUTO and trainer.world_size == 1 and resume.parent == ckpt_dir:
-            _set_aside(resume, f"could not be restored ({first})", cfg.resume)
-            return run_train(cfg, reward_fn)
-        raise UserInputError(
-            f"resume={cfg.resume}: {resume} could not be restored ({first}); give another checkpoint, or rename it "
-            f"to {resume.name}{DAMAGED_SUFFIX} and resume=auto to continue from the one before"
-        ) from e
+        _restore_failed(cfg, resume, ckpt_dir, e, trainer.world_size)
+        return run_train(cfg, reward_fn)  # resume=auto: from the next intact checkpoint
 
     # Under FSDP every process takes part in gathering the full weights; rank 0 writes them.
     weights = full_state_dict(module.policy) if is_sharded(module.policy) else None
