@@ -331,4 +331,5 @@ def test_a_save_error_on_rank_0_ends_both_ranks_with_one_line(setup, tmp_path):
     assert any("rank 0 failed to write it" in e for e in errors), proc.stderr[-3000:]  # rank 1 told why it stops
     assert list_checkpoints(out / "checkpoints") == []
     print(f"[timing] both ranks ended {ended_after:.1f} s after the failed save")  # shown with pytest -s
-    assert ended_after < 20, f"both ranks ended {ended_after:.1f} s after the failed save"
+    # measured 9.2, 11.1, 11.8 s at load 13-16 on the 2-core machine (Lightning's teardown, interpreter exit)
+    assert ended_after < 30, f"both ranks ended {ended_after:.1f} s after the failed save"
