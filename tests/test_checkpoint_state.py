@@ -121,3 +121,52 @@ def test_a_failed_save_through_any_writer_leaves_no_tmp(tmp_path, error, expecte
         callback.save(fake_trainer(half_written), SimpleNamespace(rollout_step=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001.ckpt"]
     assert (tmp_path / "step-000001.ckpt").read_bytes() == b"older checkpoint"
+
+
+def final_weights_and_curves(out: Path) -> tuple[dict, dict]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = ("train/reward", "train/loss", "train/response_length", "val/accuracy")
+    return weights, {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
+
+
+def test_a_run_reads_nothing_from_the_global_rngs(setup, monkeypatch):
+    """What the checkpoint's RNG states (torch, python, numpy) could change on resume: nothing, today. Scrambling
+    all three global RNGs before every rollout (and so before every validation after it) leaves the weights and
+    every curve of a 3-step run with validation bit-identical: sampling is seeded by (seed, rank, step) in a forked
+    RNG, validation by its own seed, the data by (seed, epoch), dropout is off, and user rewards run in child
+    processes. Restoring the states on resume therefore changes nothing either (see docs/notes/i23.md)."""
+    import random
+
+    import numpy as np
+
+    common = ("trainer.max_steps=3", "eval.every_n_steps=2", "data.val_size=2", "eval.k=2", "optim.lr=3e-3")
+    plain = setup / "rng-plain"
+    assert main(args(setup, plain, *common)) == 0
+
+    start = RolloutCallback.on_train_batch_start
+
+    def scrambled(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(1000 + 17 * batch_idx)
+        random.seed(2000 + batch_idx)
+        np.random.seed(3000 + batch_idx)
+        return start(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(RolloutCallback, "on_train_batch_start", scrambled)
+    noisy = setup / "rng-scrambled"
+    assert main(args(setup, noisy, *common)) == 0
+
+    (w_plain, c_plain), (w_noisy, c_noisy) = final_weights_and_curves(plain), final_weights_and_curves(noisy)
+    assert [s for s, _ in c_plain["train/reward"]] == [1, 2, 3] and len(c_plain["val/accuracy"]) == 2
+    assert c_noisy == c_plain
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(setup / "model").state_dict()
+    assert any(not torch.equal(w, initial[n]) for n, w in w_plain.items())  # it trained
+    assert w_noisy.keys() == w_plain.keys()
+    for name, w in w_plain.items():
+        assert torch.equal(w_noisy[name], w), name
