@@ -131,7 +131,7 @@ def final_weights_and_curves(out: Path) -> tuple[dict, dict]:
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = ("train/reward", "train/loss", "train/response_length", "val/accuracy")
-    return weights, {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
+    return weights, {t: sorted((e.step, e.value) for e in acc.Scalars(t)) for t in tags}  # files may come in any order
 
 
 def test_a_run_reads_nothing_from_the_global_rngs(setup, monkeypatch):

@@ -82,23 +82,20 @@ def test_sharded_generate_gathers_once_though_processes_stop_at_different_length
         assert gen["response_ids"] == gen["unsharded_response_ids"]  # sampled from the whole, current weights
 
 
-def assert_both_skipped(ranks: list[dict]) -> None:
+def assert_both_skipped(out: Path, scenario: str) -> None:
+    """Both processes counted one skipped step and neither stepped: both hold the initial model."""
+    ranks = run_two_processes(out, scenario)
     assert [r["skipped_steps"] for r in ranks] == [1, 1]
     init = build_tiny_random_model(build_char_tokenizer(), seed=0).state_dict()
-    for rank in ranks:  # neither process stepped: one consistent (initial) model
-        weights = torch.load(Path(rank["_out"]) / f"weights-rank{rank['_rank']}.pt")
+    for rank in range(2):
+        weights = torch.load(out / f"weights-rank{rank}.pt")
         for name, w in weights.items():
-            assert torch.equal(w, init[name]), name
-
-
-def run_nonfinite(out: Path, scenario: str) -> list[dict]:
-    ranks = run_two_processes(out, scenario)
-    return [dict(r, _out=str(out), _rank=i) for i, r in enumerate(ranks)]
+            assert torch.equal(w, init[name]), (rank, name)
 
 
 def test_a_nonfinite_loss_on_one_ddp_process_skips_the_step_on_both(tmp_path):
-    assert_both_skipped(run_nonfinite(tmp_path / "ddp", "nonfinite_ddp"))
+    assert_both_skipped(tmp_path / "ddp", "nonfinite_ddp")
 
 
 def test_a_nonfinite_loss_on_one_fsdp_process_skips_the_step_on_both_or_fails_fast(tmp_path):
-    assert_both_skipped(run_nonfinite(tmp_path / "fsdp", "nonfinite_fsdp"))
+    assert_both_skipped(tmp_path / "fsdp", "nonfinite_fsdp")
