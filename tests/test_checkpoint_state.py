@@ -92,10 +92,14 @@ def test_the_writer_removes_its_partial_file(tmp_path, monkeypatch, error):
     assert list(tmp_path.iterdir()) == []
 
 
-def fake_trainer(save_checkpoint):
-    """What RolloutCheckpoint.save uses of a Trainer: save_checkpoint, strategy.barrier, is_global_zero."""
+def fake_trainer(write):
+    """What RolloutCheckpoint.save uses of a Trainer: the checkpoint connector's dump, the strategy's writer (here
+    `write(path)`), the world size and is_global_zero."""
     return SimpleNamespace(
-        save_checkpoint=save_checkpoint, strategy=SimpleNamespace(barrier=lambda name: None), is_global_zero=True
+        _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda weights_only=False: {}),
+        strategy=SimpleNamespace(save_checkpoint=lambda checkpoint, path: write(path)),
+        world_size=1,
+        is_global_zero=True,
     )
 
 
