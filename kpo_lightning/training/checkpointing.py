@@ -1,8 +1,11 @@
 """Checkpoints that let a run continue as if never stopped, written atomically, checked before use, the last N kept.
 
 A checkpoint (Lightning's format) holds the policy, optimizer and scheduler, the loops' progress, the data stream
-position (the DataModule's state), the module's counters and, added here, every RNG state. The reference
-snapshot is not stored: it is rebuilt from `model.name_or_path`.
+position (the DataModule's state) and the module's counters. No RNG state: nothing a run draws comes from the
+global RNGs (sampling is seeded by (seed, rank, step) in a forked RNG, validation by its own seed, the data by
+(seed, epoch); `tests/test_checkpoint_state.py` scrambles them before every rollout and gets the same run bit for
+bit), so there is nothing to restore, on any number of GPUs. The reference snapshot is not stored: it is rebuilt
+from `model.name_or_path`.
 
 Saves go to `step-N.ckpt.tmp` in the checkpoint folder itself (one write, fsynced), then `os.replace` puts them in
 place: a kill or a full disk mid-save never touches the checkpoints already there. Before a resume trusts a file,
@@ -14,7 +17,7 @@ A restore that fails all the same is handled like a failed check by the caller (
 
 A checkpoint is written only from a state that is complete: a fresh run's trained steps, or a restore that finished
 (`RolloutCheckpoint.on_exception` saves nothing when the run stopped before training started, e.g. a restore that
-failed half-way). From the moment a run resumes, "the state after the last finished step" (data position, RNG) is
+failed half-way). From the moment a run resumes, "the state after the last finished step" (the data position) is
 the restored one, so a stop during the first rollout after a resume saves exactly what was restored.
 """
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import re
 import shutil
 import zipfile
@@ -31,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -43,42 +44,6 @@ DAMAGED_SUFFIX = ".damaged"  # step-N.ckpt.damaged: set aside by a resume that f
 # What a resume needs from a checkpoint: weights, optimizer and scheduler, loop progress, our counters.
 REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "kpo")
 CONFIG_KEY = "kpo_config"  # the resolved config (YAML text) the checkpoint was written under
-
-
-def rng_states() -> dict:
-    # Plain types and tensors only, so the checkpoint loads with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    set_cuda_rng_states(states.get("cuda", []))
-
-
-def set_cuda_rng_states(saved: list) -> None:
-    """Restores one CUDA RNG state per visible device that has one saved; one line when the counts differ.
-
-    A checkpoint holds a state for every GPU its rank 0 saw; a resume with fewer visible GPUs (a narrower
-    CUDA_VISIBLE_DEVICES, a smaller machine) restores the first ones (torch's `set_rng_state_all` would index past
-    the visible devices), with more it leaves the extra ones as seeded. Sampling then differs from the saved run's.
-    """
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(saved) != visible and (saved or visible):
-        print(
-            f"[kpo] the checkpoint holds CUDA RNG states for {len(saved)} GPU(s), {visible} visible here: restored "
-            f"{min(len(saved), visible)}; sampling on GPU will not repeat the saved run's exactly",
-            flush=True,
-        )
-    for device, state in enumerate(saved[:visible]):
-        torch.cuda.set_rng_state(state, device)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -354,25 +319,18 @@ class RolloutCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning calls this after the whole restore (weights, data, callbacks, optimizer, loops): from here on
-        # the state is one a checkpoint may be written from. RNG states are restored here, after Lightning's own
-        # setup (which reseeds), so sampling continues exactly.
+        # the state is one a checkpoint may be written from.
         self.training_started = True
-        states = getattr(self, "_rng_to_restore", None)
-        if states is not None:
-            set_rng_states(states)
-            self._rng_to_restore = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._mid_step = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mid_step = False
-        # A checkpoint of step N resumes as if taken here (see normalize_loop_state), so it carries the RNG state of
-        # this moment even when written later (at the end, on SIGTERM): a validation run after this step draws from
-        # the global RNG (its DataLoader's seed), and the resumed run redoes that draw.
-        self._rng_after_step = rng_states()
-        # Likewise the data stream's position: a stop while the next rollout is sampled or scored (before any weight
-        # changes) saves step N, and the batch already handed to that rollout must not count as consumed.
+        # A checkpoint of step N resumes as if taken here (see normalize_loop_state), so it carries the data stream's
+        # position of this moment even when written later (at the end, on SIGTERM): a stop while the next rollout is
+        # sampled or scored (before any weight changes) saves step N, and the batch already handed to that rollout
+        # must not count as consumed.
         datamodule = getattr(trainer, "datamodule", None)
         self._data_after_step = datamodule.state_dict() if datamodule is not None else None
         if self.every_n_steps > 0 and pl_module.rollout_step % self.every_n_steps == 0:
@@ -417,11 +375,3 @@ class RolloutCheckpoint(pl.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
             self._data_after_step = checkpoint.get(type(datamodule).__qualname__)
-
-    def state_dict(self) -> dict:
-        states = getattr(self, "_rng_after_step", None)
-        return {"rng": states if states is not None else rng_states()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._rng_to_restore = state_dict.get("rng")
-        self._rng_after_step = self._rng_to_restore  # likewise: the restored RNG until a step finishes
