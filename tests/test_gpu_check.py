@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
@@ -53,3 +54,6 @@ def test_the_check_model_has_qwen3_s_vocabulary(gpu_check, tmp_path):
     folder = gpu_check.tiny_qwen3(tmp_path / "m", cpu=True)
     config = json.loads((folder / "config.json").read_text())
     assert config["vocab_size"] == 151_936 and config["model_type"] == "qwen3" and config["tie_word_embeddings"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 151_936 and tok("12+3=")["input_ids"] == [5, 6, 14, 7, 18]  # characters encode as before
+    assert tok.decode([5, 100_000, 151_935]) == "1<100000><151935>"  # filler ids decode to text with digits

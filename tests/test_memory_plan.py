@@ -198,6 +198,20 @@ def test_auto_batch_on_cpu_is_bounded_and_follows_free_memory(tiny_model, monkey
     assert resolve_batch_size("auto", tiny_model, cpu, 10, 10) == 1  # never 0: try one sequence at a time
 
 
+def test_auto_batch_sizes_the_kv_cache_in_the_dtype_generate_will_use(tiny_model, monkeypatch):
+    """Weights' dtype without autocast; autocast's (bfloat16: half the KV cache) under it."""
+    cpu, shapes = torch.device("cpu"), mp.Shapes.from_config(tiny_model.config)
+    free = 40 * mp.generation_bytes_per_sequence(shapes, 10, 10, 4)
+    monkeypatch.setattr(engine_module, "free_device_bytes", lambda device: free)
+    for dtype, autocast in [(4, False), (2, True)]:
+        expected = mp.generation_batch_size(
+            free * (1 - mp.HEADROOM), mp.generation_bytes_per_sequence(shapes, 10, 10, dtype)
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert resolve_batch_size("auto", tiny_model, cpu, 10, 10) == expected
+    assert expected == 64  # bfloat16: 40 x (1 - headroom) x ~2 sequences fit -> 64; float32 gave 32
+
+
 def test_generate_with_auto_calls_generate_in_batches_of_the_chosen_size(tiny_model, char_tokenizer, monkeypatch):
     calls = []
     original = tiny_model.generate
@@ -226,8 +240,8 @@ def qwen3_4b_folder(tmp_path_factory):
 
 def test_plan_qwen3_4b_paper_preset_fits_8_gpus_of_80_gib(qwen3_4b_folder, capsys):
     code = main(
-        ["--plan", "preset=paper", f"model.name_or_path={qwen3_4b_folder}", "trainer.devices=8"]
-        + ["trainer.strategy=fsdp", "--device-memory-gib", "80"]
+        ["--plan", "preset=paper", f"model.name_or_path={qwen3_4b_folder}", "--device-memory-gib", "80"]
+        + ["trainer.devices=8", "trainer.strategy=fsdp"]  # options between overrides work
     )
     out = capsys.readouterr().out
     assert code == 0, out

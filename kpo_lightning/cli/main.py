@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_intermixed_args(argv)  # options between overrides too
         if args.version:
             from kpo_lightning.cli.versions import version_line
 
