@@ -277,8 +277,9 @@ def main() -> int:
                     flush=True,
                 )
             peak, planned = final[0]["peak_gib"], final[0]["plan_gib"]
+            measured = f"{peak:.2f} GiB measured" if math.isfinite(peak) else "not measured (CPU)"
             print(
-                f"     peak memory {peak:.2f} GiB measured (validation and generation included) vs {planned:.2f} GiB "
+                f"     peak memory {measured} (validation and generation included) vs {planned:.2f} GiB "
                 f"planned (--plan; generation batch {final[0]['plan_batch']}); {seconds:.0f} s including start-up",
                 flush=True,
             )
