@@ -196,6 +196,9 @@ def test_auto_batch_on_cpu_is_bounded_and_follows_free_memory(tiny_model, monkey
     assert resolve_batch_size("auto", tiny_model, cpu, 10, 10) == 4
     monkeypatch.setattr(engine_module, "free_device_bytes", lambda device: 0)
     assert resolve_batch_size("auto", tiny_model, cpu, 10, 10) == 1  # never 0: try one sequence at a time
+    shapeless = torch.nn.Linear(2, 2)
+    shapeless.config = SimpleNamespace(vocab_size=10)
+    assert resolve_batch_size("auto", shapeless, cpu, 10, 10) == 0  # no shapes in its config: all at once
 
 
 def test_auto_batch_sizes_the_kv_cache_in_the_dtype_generate_will_use(tiny_model, monkeypatch):

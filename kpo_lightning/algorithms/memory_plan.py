@@ -46,7 +46,9 @@ class Shapes:
     @classmethod
     def from_config(cls, config) -> Shapes:
         """Read from a transformers `PretrainedConfig`: `head_dim` when the config gives it (Qwen3: 128 with hidden
-        2560 and 32 heads, not 80), `num_key_value_heads` when it gives it (grouped-query attention)."""
+        2560 and 32 heads, not 80), `num_key_value_heads` when it gives it (grouped-query attention); the text
+        model's config of a multimodal one. Raises AttributeError when the config lacks a shape."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = int(config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -194,11 +194,15 @@ def resolve_batch_size(
     """Sequences per `generate` call (0 = all at once). "auto": as many as fit in the device's free memory now
     (CUDA free memory, or available RAM on CPU, less `HEADROOM`), each costing its KV cache over prompt + response
     and its working memory (memory_plan.generation_bytes_per_sequence), as a power of two, at most
-    `AUTO_MAX_SEQUENCES`; at least 1."""
+    `AUTO_MAX_SEQUENCES`; at least 1. A model whose config does not give the shapes: 0 (all at once)."""
     if batch_size != "auto":
         return int(batch_size)
+    try:
+        shapes = Shapes.from_config(model.config)
+    except AttributeError:
+        return 0
     itemsize = generation_compute_dtype(model, device).itemsize
-    per_sequence = generation_bytes_per_sequence(Shapes.from_config(model.config), prompt_tokens, new_tokens, itemsize)
+    per_sequence = generation_bytes_per_sequence(shapes, prompt_tokens, new_tokens, itemsize)
     return max(1, generation_batch_size(free_device_bytes(device) * (1 - HEADROOM), per_sequence))
 
 
