@@ -226,7 +226,11 @@ def test_generate_with_auto_calls_generate_in_batches_of_the_chosen_size(tiny_mo
 
 
 def test_generation_batch_size_config_values(capsys):
-    assert load_config([]).rollout.generation_batch_size == "auto"
+    cfg = load_config([])
+    assert cfg.rollout.generation_batch_size == "auto"
+    # training rollouts, validation and mode=eval all sample with it
+    assert SamplingParams.for_training(cfg.rollout).batch_size == "auto"
+    assert SamplingParams.for_eval(cfg.rollout, cfg.eval).batch_size == "auto"
     assert load_config(["rollout.generation_batch_size=16"]).rollout.generation_batch_size == 16
     for bad, needle in [("abc", "auto"), ("-1", "auto"), ("1.5", "integer or auto")]:
         code = main([f"rollout.generation_batch_size={bad}", "--print-config"])
