@@ -15,7 +15,7 @@ from typing import Any
 class LoraConfig:
     r: int = 0  # 0 disables LoRA (full fine-tuning)
     alpha: int = 16  # LoRA scaling numerator (lora_alpha)
-    dropout: float = 0.0  # LoRA dropout
+    dropout: float = 0.0  # must be 0.0: dropout noise would enter the pi_theta/pi_old ratios
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names (q_proj,v_proj)
 
 
