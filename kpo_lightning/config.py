@@ -70,6 +70,7 @@ class RewardConfig:
     timeout_s: float = 2.0  # seconds one sample's reward may take (math check or user function); slower scores 0
     answer_after_think: bool = True  # math: read the answer after the last </think>; unclosed <think> scores 0
     num_workers: int = 0  # processes running a user reward.fn in parallel; 0 = min(4, CPUs)
+    worker_memory_mb: int = 4096  # address-space cap of each user reward process (MB); 0 = none
 
 
 @dataclass

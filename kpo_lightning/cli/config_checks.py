@@ -34,6 +34,7 @@ AT_LEAST = {
     "rollout.top_k": 0,
     "rollout.generation_batch_size": 0,
     "reward.num_workers": 0,
+    "reward.worker_memory_mb": 0,
     "data.val_size": 0,
     "data.arithmetic_max_operand": 1,
     "data.chain_min_operands": 2,
