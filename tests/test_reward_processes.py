@@ -122,6 +122,31 @@ def test_reward_processes_die_with_a_sigkilled_parent(sandbox_reward, tmp_path, 
                 os.kill(pid, signal.SIGKILL)
 
 
+MATH_PARENT = textwrap.dedent("""
+    from kpo_lightning.rewards.math_verify_worker import WORKER
+    WORKER._ensure_ready()
+    print(WORKER.proc.pid, flush=True)
+    WORKER.equal("1", "9^{9^{9}}", 600)  # a big-integer power: one long C call in the math-verify process
+""")
+
+
+def test_the_math_verify_process_dies_with_a_sigkilled_parent(tmp_path):
+    script = tmp_path / "math_parent.py"
+    script.write_text(MATH_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        time.sleep(1.5)  # parsed, and inside the power
+        assert _alive(worker)
+        parent.kill()
+        parent.wait(timeout=10)
+        assert _wait_gone([worker], within_s=2.0) == []
+    finally:
+        parent.kill()
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 LEAKY_REWARD = textwrap.dedent("""
     LEAK = []
 
