@@ -211,11 +211,10 @@ def kill_child(proc: subprocess.Popen | None) -> None:
     """SIGKILL the child's whole process group (its own children too), then reap it."""
     if proc is None:
         return
-    if proc.returncode is None:  # not reaped yet, so its pid (= its group's id) cannot have been reused
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:  # the group is gone already
-            pass
+    try:  # also when the child itself was reaped already: what it started may still run in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:  # the group is gone already
+        pass
     try:
         proc.kill()
         proc.wait(timeout=5)
