@@ -15,7 +15,7 @@ from typing import Any
 class LoraConfig:
     r: int = 0  # 0 disables LoRA (full fine-tuning)
     alpha: int = 16  # LoRA scaling numerator (lora_alpha)
-    dropout: float = 0.0  # LoRA dropout
+    dropout: float = 0.0  # must be 0.0: dropout noise would enter the pi_theta/pi_old ratios
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names (q_proj,v_proj)
 
 
@@ -72,6 +72,7 @@ class RewardConfig:
     timeout_s: float = 2.0  # seconds one sample's reward may take (math check or user function); slower scores 0
     answer_after_think: bool = True  # math: read the answer after the last </think>; unclosed <think> scores 0
     num_workers: int = 0  # processes running a user reward.fn in parallel; 0 = min(4, CPUs)
+    worker_memory_mb: int = 4096  # address-space cap of each user reward process (MB); 0 = none
 
 
 @dataclass

@@ -28,6 +28,7 @@ SLOW = {
     "test_benchmarks.py::test_ratio_vs_length_and_stress_losses_run_end_to_end",  # 4 python subprocesses, ~15 s
     # two DDP processes (gloo) in a subprocess, ~40 s on a loaded machine
     "test_checkpoint_reliability.py::test_a_save_error_on_rank_0_ends_both_ranks_with_one_line",
+    "test_reward_processes.py::test_no_process_of_a_run_remains",  # run.py subprocesses (exit, SIGKILL)
 }
 
 

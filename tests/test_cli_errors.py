@@ -46,6 +46,8 @@ def assert_one_line_error(code, err, *needles):
         ("resume=/nonexistent/step-1.ckpt", ["resume", "/nonexistent/step-1.ckpt"]),
         ("preset=nope", ["preset", "nope"]),
         ("notakeyvalue", ["notakeyvalue", "key=value"]),
+        ("model.lora.dropout=0.1", ["model.lora.dropout=0.1", "set model.lora.dropout=0.0"]),
+        ("reward.worker_memory_mb=-1", ["reward.worker_memory_mb", ">= 0"]),
     ],
 )
 def test_config_errors(capsys, override, needles):

@@ -33,6 +33,7 @@ AT_LEAST = {
     "rollout.num_generations": 2,
     "rollout.top_k": 0,
     "reward.num_workers": 0,
+    "reward.worker_memory_mb": 0,
     "data.val_size": 0,
     "data.arithmetic_max_operand": 1,
     "data.chain_min_operands": 2,
@@ -87,6 +88,7 @@ def check_config(cfg: Config) -> None:
         check_loss_type,
     )
     from kpo_lightning.data.prompt_template import _check_chat_template_kwargs
+    from kpo_lightning.models.loading import check_lora_dropout
 
     for key in POSITIVE:
         _positive(key, _value(cfg, key))
@@ -109,6 +111,7 @@ def check_config(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "it must lie in [0, 1)")
     _check_chain(cfg)
+    check_lora_dropout(cfg.model.lora.dropout)
     if cfg.data.prompts_per_step % cfg.optim.num_minibatches:
         raise UserInputError(
             f"optim.num_minibatches={cfg.optim.num_minibatches} does not divide data.prompts_per_step="

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -161,34 +162,82 @@ def load_model_and_tokenizer(cfg: ModelConfig, precision: str | None = None):
     return model, tokenizer
 
 
+def check_lora_dropout(dropout: float) -> None:
+    """Refuse LoRA dropout: the ratio pi_theta/pi_old must compare the same deterministic function of the weights.
+
+    With dropout on the adapters, the gradient forward would see noise that the pi_old pass did not (or other
+    noise), so on-policy ratios would not be 1 and the clip ranges (KPO-clipped: 3e-4) would clip noise."""
+    if dropout != 0.0:
+        raise UserInputError(
+            f"model.lora.dropout={dropout!r} is not supported: dropout noise would enter the pi_theta/pi_old "
+            "ratios (they must be 1 on-policy); set model.lora.dropout=0.0"
+        )
+
+
 def apply_lora(model, cfg: ModelConfig):
     """Wrap with peft LoRA adapters: only the adapters train; the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model
 
+    check_lora_dropout(cfg.lora.dropout)
     target: str | list[str] | None = cfg.lora.target_modules
     if target != "all-linear":
         target = [t.strip() for t in target.split(",")]
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
+        lora_dropout=0.0,
         target_modules=target,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
+# Names of the float attributes (on modules and on model configs) that hold a dropout probability in transformers'
+# models: `dropout`, `attention_dropout`, `activation_dropout`, `hidden_dropout` (OPT, Falcon, BLOOM, ...),
+# `hidden_dropout_prob` / `attention_probs_dropout_prob` (BERT-like), `dropout_rate` (T5), `attn_pdrop` /
+# `resid_pdrop` / `embd_pdrop` (GPT-2-like), `dropout_p`, and `layerdrop` (OPT and others skip whole layers).
+DROPOUT_NAME = re.compile(r"(dropout|dropout_prob|dropout_rate|dropout_p|_pdrop|layerdrop)$")
+
+
+def _zero_dropout_floats(obj: object) -> None:
+    """Set every float attribute of `obj` whose name says it is a dropout probability to 0.0."""
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, float) and value != 0.0 and DROPOUT_NAME.search(name.lower()):
+            setattr(obj, name, 0.0)
+
+
+def _configs(model: torch.nn.Module) -> list:
+    """Every transformers config reachable from the model's modules (`module.config`), sub-configs included."""
+    from transformers import PretrainedConfig
+
+    found: dict[int, PretrainedConfig] = {}
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if isinstance(config, PretrainedConfig) and id(config) not in found:
+            found[id(config)] = config
+            stack.extend(v for v in vars(config).values() if isinstance(v, PretrainedConfig))
+    return list(found.values())
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Zero every dropout (modules and attention-dropout attributes), as TRL and verl do for RL: with dropout
-    the same tokens under the same weights would not get ratio 1, and the on-policy mini-batch would not be."""
+    """Zero every dropout, as TRL and verl do for RL: with dropout the same tokens under the same weights would not
+    get ratio 1, and the on-policy mini-batch would not be on-policy.
+
+    A general rule, not a per-model list: every `nn.Dropout`-family module (p = 0), and every float attribute
+    named like a dropout probability (`DROPOUT_NAME`) on every module and on every config the modules read at
+    forward time (Falcon reads `self.config.hidden_dropout`). Dropout applied with a literal probability inside a
+    forward, or stored under another name, is not seen. A peft model with nonzero LoRA dropout is refused
+    (`check_lora_dropout`), never zeroed silently.
+    """
+    for adapter in (getattr(model, "peft_config", None) or {}).values():
+        check_lora_dropout(getattr(adapter, "lora_dropout", 0.0))
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    config = getattr(model, "config", None)
-    if config is not None and isinstance(getattr(config, "attention_dropout", None), float):
-        config.attention_dropout = 0.0
+        _zero_dropout_floats(module)
+    for config in _configs(model):
+        _zero_dropout_floats(config)
     return model
 
 

@@ -40,10 +40,11 @@ class TimedReward:
     `TimedReward("my_pkg.rewards:score", timeout_s=10)` behaves like the function it names, except that a call
     that does not return in time scores 0.0 (counted as a timeout by `score_completions`) and that the function
     runs in another process (it must be importable by that name; module state is per process). `num_workers`
-    processes (0: up to 4, one per CPU) are started on first use and reused; one that dies is restarted.
+    processes (0: up to 4, one per CPU) are started on first use and reused; one that dies is restarted. Each
+    process's address space is capped at `memory_mb` (0: no cap); one that runs out is replaced, its sample retried.
     """
 
-    def __init__(self, spec: str, timeout_s: float = 2.0, num_workers: int = 0) -> None:
+    def __init__(self, spec: str, timeout_s: float = 2.0, num_workers: int = 0, memory_mb: int = 4096) -> None:
         _check_timeout(timeout_s)
         load_reward_fn(spec)  # every problem with the spec, here, in one line
         target, _, attr = spec.strip().rpartition(":")
@@ -52,12 +53,13 @@ class TimedReward:
         self.spec = f"{target}:{attr}"
         self.timeout_s = timeout_s
         self.num_workers = num_workers if num_workers > 0 else min(4, os.cpu_count() or 1)
+        self.memory_mb = memory_mb
         self.__qualname__ = self.spec
         self._pool: RewardPool | None = None
 
     def score_batch(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[Outcome]:
         if self._pool is None:
-            self._pool = RewardPool(self.spec, self.num_workers)
+            self._pool = RewardPool(self.spec, self.num_workers, self.memory_mb << 20)
         return self._pool.score(list(zip(prompts, completions, answers)), self.timeout_s)
 
     def __call__(self, prompt: str = "", completion: str = "", answer: str = "", **kwargs: Any) -> float:
@@ -78,4 +80,4 @@ def reward_from_config(cfg: RewardConfig) -> RewardFn:
     """The reward a run uses: `MathReward` for "math", else the user's function as a `TimedReward`."""
     if isinstance(cfg.fn, str) and cfg.fn.strip() == "math":
         return MathReward(cfg.timeout_s, cfg.answer_after_think)
-    return TimedReward(cfg.fn, cfg.timeout_s, cfg.num_workers)
+    return TimedReward(cfg.fn, cfg.timeout_s, cfg.num_workers, cfg.worker_memory_mb)

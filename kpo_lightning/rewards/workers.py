@@ -14,12 +14,24 @@ Waiting is interruptible: `wait_readable` wakes every 0.1 s; while scores are co
 (`stop_on_sigterm`) a SIGTERM runs the handler that was installed (Lightning's, which marks the trainer as
 terminated) and then makes the wait raise Lightning's `SIGTERMException`, exactly what Lightning itself raises for
 a SIGTERM between steps (`SystemExit(143)` outside Lightning); Ctrl-C raises `KeyboardInterrupt` out of `select` as
-usual. Children ignore SIGINT, exit when their parent is gone, and are killed at exit.
+usual.
+
+No process outlives the run. Each child leads its own process group (`start_new_session`), and killing a child
+kills its group (`os.killpg`), so a reward's own children (a sandbox, a solver) die with it: on timeout, on
+replacement and at exit. Children ignore SIGINT. When the trainer dies without cleaning up (SIGKILL, a crash):
+on Linux the kernel SIGKILLs the child (`prctl(PR_SET_PDEATHSIG)`, set only by children started from the main
+thread, as the signal follows the thread that started them), even inside a long C call that holds the GIL; a
+forked guard process in the child's group waits for the trainer's end of the request pipe to close and then kills
+the whole group (the reward's own children included, on any POSIX system); and a watcher thread exits a child whose
+parent changed (the portable fallback). User reward children run under an address-space cap
+(`reward.worker_memory_mb`, RLIMIT_AS) as math-verify's does; a child that runs out of memory exits, is replaced
+by a fresh one and its sample is retried once, so a leaking reward stays bounded.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import math
 import os
@@ -39,6 +51,8 @@ from typing import Any, NamedTuple
 START_TIMEOUT_S = 120.0  # a child's imports on a busy machine; not counted in timeout_s
 _POLL_S = 0.1  # how often a wait checks for SIGTERM
 _STOP = threading.Event()  # set by the SIGTERM handler installed by `stop_on_sigterm`
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+OUT_OF_MEMORY_EXIT = 75  # exit code of a reward child that hit its memory cap (it is then replaced)
 
 
 # ------------------------------------------------------------------------------------------- outcomes
@@ -172,12 +186,16 @@ def recv_frame(fd: int) -> Any:
 
 
 def start_child(entry: str, *args: str) -> subprocess.Popen:
-    """`python -c "from kpo_lightning.<module> import <entry>; <entry>()" args...` with this process's sys.path."""
+    """`python -c "from kpo_lightning.<module> import <entry>; <entry>()" args...` with this process's sys.path,
+    in a process group of its own (see the module docstring)."""
     module, func = entry.rsplit(".", 1)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above kpo_lightning/
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["KPO_PARENT_SYS_PATH"] = json.dumps([p for p in sys.path if p])
+    env["KPO_PARENT_PID"] = str(os.getpid())
+    # the parent-death signal fires when the starting *thread* ends: only a main-thread start can use it
+    env["KPO_PARENT_DEATH_SIGNAL"] = "1" if threading.current_thread() is threading.main_thread() else "0"
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.Popen(
         [sys.executable, "-c", f"from {module} import {func}; {func}()", *args],
@@ -185,12 +203,18 @@ def start_child(entry: str, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         env=env,
         close_fds=True,
+        start_new_session=True,
     )
 
 
 def kill_child(proc: subprocess.Popen | None) -> None:
+    """SIGKILL the child's whole process group (its own children too), then reap it."""
     if proc is None:
         return
+    try:  # also when the child itself was reaped already: what it started may still run in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:  # the group is gone already
+        pass
     try:
         proc.kill()
         proc.wait(timeout=5)
@@ -203,17 +227,59 @@ def kill_child(proc: subprocess.Popen | None) -> None:
             pass
 
 
-def child_setup() -> int:
-    """Common start of a child process; returns the fd to answer on (stdout, which library prints never reach)."""
+def _set_parent_death_signal() -> None:
+    """Linux: the kernel SIGKILLs this process when the thread that started it ends, whatever it is doing."""
+    if not sys.platform.startswith("linux") or os.environ.get("KPO_PARENT_DEATH_SIGNAL") != "1":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl in this libc: the guard and the watcher still cover it
+        pass
+
+
+def _start_group_guard() -> None:
+    """Fork a guard that waits for the parent's end of our stdin pipe to close (the parent is gone), then SIGKILLs
+    our whole group: this process and whatever the reward started. Killing the group on purpose kills it too."""
+    if not hasattr(select, "poll") or not hasattr(os, "fork") or os.getpgrp() != os.getpid():
+        return  # never kill a group that is not our own (a child started outside `start_child`)
+    if os.fork() != 0:
+        return
+    try:  # the guard: keep only stdin (to see the hang-up) and stderr; holding stdout would hide our death
+        os.dup2(2, 1)
+        os.closerange(3, 1 << 16)
+        poller = select.poll()
+        poller.register(0, 0)  # no events asked for: poll returns on POLLHUP/POLLERR only, reads nothing
+        while not poller.poll():
+            pass
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def child_setup(memory_bytes: int = 0) -> int:
+    """Common start of a child process; returns the fd to answer on (stdout, which library prints never reach).
+
+    `memory_bytes` > 0 caps the address space (RLIMIT_AS): an allocation over it raises MemoryError."""
+    _set_parent_death_signal()
+    parent = int(os.environ.get("KPO_PARENT_PID", os.getppid()))
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; the parent kills us
+    _start_group_guard()
+    if memory_bytes > 0:
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        except (ImportError, ValueError, OSError):
+            pass
     out_fd = os.dup(1)
     os.dup2(2, 1)  # anything printed by libraries or the reward goes to stderr, never into the protocol
     for p in reversed(json.loads(os.environ.get("KPO_PARENT_SYS_PATH", "[]"))):
         if p not in sys.path:
             sys.path.insert(1, p)
-    parent = os.getppid()
 
-    def watch_parent() -> None:  # a parent killed with SIGKILL cannot clean up: leave with it
+    def watch_parent() -> None:  # the portable fallback: leave when the parent is gone
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
@@ -227,8 +293,9 @@ def child_setup() -> int:
 
 
 def reward_worker_main() -> None:
-    """Entry point of a user-reward child: loads `sys.argv[1]`, answers [prompt, completion, answer] requests."""
-    out_fd = child_setup()
+    """Entry point of a user-reward child: loads `sys.argv[1]` under the memory cap `sys.argv[2]` (bytes, 0: none),
+    answers [prompt, completion, answer] requests; exits with OUT_OF_MEMORY_EXIT when the cap is hit."""
+    out_fd = child_setup(int(sys.argv[2]))
     try:
         from kpo_lightning.rewards.user_function import load_user_function
 
@@ -237,19 +304,24 @@ def reward_worker_main() -> None:
         send_frame(out_fd, ["error", f"{type(e).__name__}: {e}"])
         return
     send_frame(out_fd, ["ready"])
-    while True:
-        req = recv_frame(0)
-        if req is None:
-            return
-        out = call_reward(fn, *req)
-        send_frame(out_fd, ["ok", out] if isinstance(out, float) else ["fail", out.kind, out.message])
+    try:
+        while True:
+            req = recv_frame(0)
+            if req is None:
+                return
+            out = call_reward(fn, *req)
+            if isinstance(out, Failure) and out.kind == "raised MemoryError":
+                raise MemoryError
+            send_frame(out_fd, ["ok", out] if isinstance(out, float) else ["fail", out.kind, out.message])
+    except MemoryError:  # a leak or one huge allocation: a fresh process retries the sample
+        os._exit(OUT_OF_MEMORY_EXIT)
 
 
 class _Slot:
     """One child process of the pool and what it is doing."""
 
-    def __init__(self, spec: str) -> None:
-        self.proc = start_child("kpo_lightning.rewards.workers.reward_worker_main", spec)
+    def __init__(self, spec: str, memory_bytes: int) -> None:
+        self.proc = start_child("kpo_lightning.rewards.workers.reward_worker_main", spec, str(memory_bytes))
         self.ready = False
         self.index: int | None = None  # the sample it works on
         self.deadline = time.monotonic() + START_TIMEOUT_S  # of its start, then of its sample
@@ -267,13 +339,14 @@ class RewardPool:
 
     `score` hands samples to free children and collects their answers; a sample with no answer within `timeout_s`
     scores a timeout Failure, its child is killed and replaced (the replacement's start is not counted against any
-    sample); a child that dies is replaced and its sample retried once.
+    sample); a child that dies (its memory cap of `memory_bytes` included, 0: no cap) is replaced and its sample
+    retried once.
     """
 
     MAX_START_FAILURES = 3  # consecutive deaths while starting before the pool gives up
 
-    def __init__(self, spec: str, size: int) -> None:
-        self.spec, self.size = spec, max(1, size)
+    def __init__(self, spec: str, size: int, memory_bytes: int = 0) -> None:
+        self.spec, self.size, self.memory_bytes = spec, max(1, size), memory_bytes
         self.slots: list[_Slot] = []
         self.pid = os.getpid()
         self.lock = threading.Lock()  # one batch at a time; concurrent callers queue
@@ -286,11 +359,11 @@ class RewardPool:
         for slot in [s for s in self.slots if s.proc.poll() is not None]:  # died while idle
             self._replace(slot)
         while len(self.slots) < self.size:
-            self.slots.append(_Slot(self.spec))
+            self.slots.append(_Slot(self.spec, self.memory_bytes))
 
     def _replace(self, slot: _Slot) -> None:
         kill_child(slot.proc)
-        self.slots[self.slots.index(slot)] = _Slot(self.spec)
+        self.slots[self.slots.index(slot)] = _Slot(self.spec, self.memory_bytes)
 
     def score(self, items: list[tuple[str, str, str]], timeout_s: float) -> list[Outcome]:
         with self.lock:
@@ -344,6 +417,8 @@ class RewardPool:
                 self._replace(slot)
                 return
             why = msg[1] if msg else f"it exited with code {slot.proc.returncode}; see its error above"
+            if self.memory_bytes and ("MemoryError" in why or slot.proc.returncode == OUT_OF_MEMORY_EXIT):
+                why += f" (over its memory cap: raise reward.worker_memory_mb={self.memory_bytes >> 20}, 0 = none)"
             raise RuntimeError(f"the reward process for {self.spec!r} could not start: {why}")
         i = slot.index
         if msg is None:  # the process died (killed, out of memory, a crash in C code)
@@ -352,6 +427,10 @@ class RewardPool:
             if i not in retried:
                 retried.add(i)
                 pending.appendleft(i)
+            elif code == OUT_OF_MEMORY_EXIT:
+                results[i] = Failure(
+                    "ran out of memory", f"over {self.memory_bytes >> 20} MB (reward.worker_memory_mb)"
+                )
             else:
                 results[i] = Failure("killed its reward process", f"exit code {code}")
             return
