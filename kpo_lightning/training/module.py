@@ -22,10 +22,10 @@ from torchmetrics import MetricCollection
 
 from kpo_lightning.algorithms.kalman import causal_kalman_filter, tau_at
 from kpo_lightning.algorithms.losses import (
-    LOSS_DEFAULTS,
-    LOSS_OPTIONS,
     DEFAULT_KALMAN_TAU,
     KPO_LOSSES,
+    LOSS_DEFAULTS,
+    LOSS_OPTIONS,
     aggregation_normalizer,
     check_loss_type,
     compute_policy_loss,
