@@ -12,6 +12,11 @@ same synthetic model at the measured lengths, to show how well it reproduces the
 
     python benchmarks/ratio_vs_length.py --preset chain --seeds 0 1 2 --jobs 2   # 3 runs, 2 at a time
     python benchmarks/ratio_vs_length.py --steps 4 --seeds 0                     # a quick look (default task)
+    python benchmarks/ratio_vs_length.py --preset chain --kalman-tau 4 --also-tau 1 10   # train at tau 4
+
+`--kalman-q Q` / `--kalman-tau TAU` set the training filter (loss.kalman_q / loss.kalman_tau, Q/V = (TAU / L)^2 with
+L = rollout.max_new_tokens); `--also-qv` / `--also-tau` add columns of the same raw rows filtered post hoc at other
+Q/V or tau (tau converted at the run's max_new_tokens).
 """
 
 from __future__ import annotations
@@ -118,6 +123,23 @@ def train_and_record(preset: str | None, seed: int, steps: int | None, overrides
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "seconds": time.perf_counter() - start,
     }
+
+
+def filter_overrides(kalman_q: float | None, kalman_tau: float | None) -> list[str]:
+    """The run.py overrides of --kalman-q / --kalman-tau (at most one is given; none: the run's default filter)."""
+    return [f"{key}={value}" for key, value in (("loss.kalman_q", kalman_q), ("loss.kalman_tau", kalman_tau)) if value]
+
+
+def post_hoc_filters(also_qv: list[float], also_tau: list[float], max_new_tokens: int) -> list[tuple[str, str, float]]:
+    """(record key, column label, Q/V) of each post-hoc filter: --also-qv as given, --also-tau at Q/V = (tau / L)^2
+    with L = the runs' max_new_tokens."""
+    from kpo_lightning.algorithms.kalman import qv_from_tau
+
+    out = [(f"sw_qv{qv:g}", f"Q/V={qv:g}", qv) for qv in also_qv]
+    for tau in also_tau:
+        qv = qv_from_tau(tau, max_new_tokens)
+        out.append((f"sw_tau{tau:g}", f"tau={tau:g} (Q/V={qv:.3g})", qv))
+    return out
 
 
 def refilter(records: list[dict], q: float, v: float, p0: float) -> list[float]:
@@ -253,6 +275,16 @@ def main() -> None:
         default=[1e-4],
         help="also report the switch frequency of the same raw rows filtered post hoc at these Q/V (V=1)",
     )
+    p.add_argument(
+        "--also-tau",
+        type=float,
+        nargs="*",
+        default=[],
+        help="the same post hoc at these tau (Q/V = (tau / max_new_tokens)^2)",
+    )
+    trained = p.add_mutually_exclusive_group()
+    trained.add_argument("--kalman-q", type=float, default=None, help="train with loss.kalman_q=Q")
+    trained.add_argument("--kalman-tau", type=float, default=None, help="train with loss.kalman_tau=TAU")
     p.add_argument("--plot", default="benchmarks/ratio_vs_length.png")
     p.add_argument(
         "--records",
@@ -273,7 +305,8 @@ def main() -> None:
     print(machine_line(), flush=True)
     start = time.perf_counter()
     minutes = 0.0
-    jobs = [(args.preset, s, args.steps, args.overrides, args.threads) for s in args.seeds]
+    overrides = args.overrides + filter_overrides(args.kalman_q, args.kalman_tau)
+    jobs = [(args.preset, s, args.steps, overrides, args.threads) for s in args.seeds]
     if args.from_records:
         with open(args.records, "rb") as f:
             saved = pickle.load(f)
@@ -296,23 +329,24 @@ def main() -> None:
     print(
         f"\n{len(runs)} runs (seeds {' '.join(map(str, args.seeds))}; preset={args.preset or '(default task)'}, "
         f"loss {r0['loss']}, {r0['steps']} rollout steps, {r0['minibatches']} mini-batches x {r0['epochs']} epochs "
-        f"per rollout, max_new_tokens {r0['max_new_tokens']}{', ' + ' '.join(args.overrides) if args.overrides else ''}"
+        f"per rollout, max_new_tokens {r0['max_new_tokens']}{', ' + ' '.join(overrides) if overrides else ''}"
         f") took {minutes:.1f} min with {args.jobs} at a time; per run "
         f"{spread([r['seconds'] for r in runs], '.0f')} s training; filter Q={kal['kalman_q']:g} V={kal['kalman_v']:g} "
         f"P0={kal['kalman_p0']:g}"
     )
     print(machine_line() + "\n")
 
-    extra = tuple(f"sw_qv{qv:g}" for qv in args.also_qv)
+    post = post_hoc_filters(args.also_qv, args.also_tau, r0["max_new_tokens"])
+    extra = tuple(key for key, _, _ in post)
     for run in runs:
-        for qv, key in zip(args.also_qv, extra):
+        for key, _, qv in post:
             for rec, sw in zip(run["records"], refilter(run["records"], qv, 1.0, kal["kalman_p0"])):
                 rec[key] = sw
     per_seed = [bin_stats(r["records"], args.bins, extra) for r in runs]
     qv = kal["kalman_q"] / kal["kalman_v"]
     header = (
         f"| length bin | rows (all seeds) | mean length | switch freq raw | switch freq filtered (Q/V={qv:g}) | "
-        + "".join(f"switch freq filtered post hoc at Q/V={x:g} | " for x in args.also_qv)
+        + "".join(f"switch freq filtered post hoc at {label} | " for _, label, _ in post)
         + "ratio var raw | ratio var filtered |"
     )
     print("Off-policy rows by valid length; per bin: mean +- sd over seeds (min-median-max)\n")
@@ -334,7 +368,7 @@ def main() -> None:
     fits = {key: [loglog_fit(b, key, args.min_rows) for b in per_seed] for key in ("sw_raw", "sw_filt") + extra}
     print(f"\nLog-log fit of switch frequency against length, per seed (bins with >= {args.min_rows} rows):")
     names = [("sw_raw", "raw"), ("sw_filt", f"filtered (Q/V={qv:g})")]
-    for key, name in names + [(k, f"filtered post hoc at Q/V={x:g}") for k, x in zip(extra, args.also_qv)]:
+    for key, name in names + [(k, f"filtered post hoc at {label}") for k, label, _ in post]:
         ok = [f for f in fits[key] if f is not None]
         if not ok:
             print(f"  {name}: too few bins to fit")
@@ -368,22 +402,22 @@ def main() -> None:
                 f"  SYNTHETIC {kind}, {length} tokens: switch freq raw {fmt([v[0] for v in vals])}, "
                 f"filtered {fmt([v[1] for v in vals], '.4f')}"
             )
-    for x in args.also_qv:
+    for _, label, x in post:
         other = {**kal, "kalman_q": x, "kalman_v": 1.0}
         for kind in SYNTHETIC_KINDS:
             vals = [
                 synthetic_switch(stats, other, PAPER_LENGTH, args.synthetic_rows, s, kind, pool) for s in args.seeds
             ]
             print(
-                f"  SYNTHETIC {kind}, {PAPER_LENGTH} tokens, filtered at Q/V={x:g}: switch freq filtered "
+                f"  SYNTHETIC {kind}, {PAPER_LENGTH} tokens, filtered at {label}: switch freq filtered "
                 f"{fmt([v[1] for v in vals], '.4f')}"
             )
 
-    plot(args, runs, per_seed, fits, synth, lengths, kal, extra)
+    plot(args, runs, per_seed, fits, synth, lengths, kal, post)
     print(f"\nplot: {args.plot}")
 
 
-def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
+def plot(args, runs, per_seed, fits, synth, lengths, kal, post) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +434,7 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
             lab = f"{name} (one line per seed)" if j == 0 else None
             ax1.plot(x, sw, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
             ax2.plot(x, var, "o-", color=colors[key], alpha=0.6, ms=3, label=lab)
-    for key, x, color in zip(extra, args.also_qv, ("tab:green", "tab:purple", "tab:olive")):
+    for (key, label, _), color in zip(post, ("tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")):
         for j, bins in enumerate(per_seed):
             pts = [(b["length"], b[key]) for b in bins if b["rows"] >= args.min_rows]
             if pts:
@@ -410,7 +444,7 @@ def plot(args, runs, per_seed, fits, synth, lengths, kal, extra) -> None:
                     color=color,
                     alpha=0.6,
                     lw=1,
-                    label=f"filtered post hoc at Q/V={x:g}" if j == 0 else None,
+                    label=f"filtered post hoc at {label}" if j == 0 else None,
                 )
     grid = np.geomspace(8, PAPER_LENGTH, 50)
     for j, f in enumerate(fits["sw_filt"]):

@@ -1,17 +1,20 @@
 """GRPO, GSPO, GMPO, KPO and KPO-clipped in a stressed off-policy regime: a learning-rate sweep, several seeds.
 
-Every run is `python run.py [preset=P] loss.type=L seed=S optim.lr=LR [loss.kalman_q=Q] ...` in its own process
+Every run is `python run.py [preset=P] loss.type=L seed=S optim.lr=LR [loss.kalman_q=Q | loss.kalman_tau=TAU] ...`
+in its own process
 (OMP_NUM_THREADS=--threads, `--jobs` at a time), its TensorBoard folder under `--out`. Stress: `--minibatches`
 mini-batches and `--epochs` epochs per rollout (all optimizer steps after the first of a rollout are off-policy).
 Per cell (learning rate x loss [x Q]) over the seeds: validation accuracy (avg@k on the held-out split) before and
 after, its change, training reward over the last quarter of steps, the number of collapsed runs, clip fractions and
-skipped (non-finite) optimizer steps; with `--kalman-q`, KPO losses are run once per Q (V stays 1: only Q/V
-matters). A run has COLLAPSED when it stopped on non-finite losses/gradients (exit 1), or its final validation
+skipped (non-finite) optimizer steps; with `--kalman-q` and/or `--kalman-tau`, KPO losses are run once per Q and once
+per tau (V stays 1: only Q/V matters; tau sets Q/V = (tau / max_new_tokens)^2); without either they run at run.py's
+default filter. A run has COLLAPSED when it stopped on non-finite losses/gradients (exit 1), or its final validation
 accuracy is below `--collapse-ratio` x its accuracy before training. Writes a PNG of the reward curves, mean +- sd
 over seeds. `--reuse` reads finished runs of the same command line instead of rerunning them.
 
     python benchmarks/stress_losses.py --preset chain --lrs 1e-4 3e-4 --seeds 0 1 2 3 4 --jobs 2
     python benchmarks/stress_losses.py --preset chain --losses kpo_clipped --kalman-q 1e-7 1e-6 1e-5 1e-4 --lrs 3e-4
+    python benchmarks/stress_losses.py --preset chain --losses grpo kpo_clipped --kalman-q paper --kalman-tau 1 4 10
     python benchmarks/stress_losses.py --steps 4 --seeds 0 --losses grpo kpo   # a quick look (default task)
 """
 
@@ -35,13 +38,17 @@ from machine import machine_line, spread  # noqa: E402
 
 LOSSES = ["grpo", "gspo", "gmpo", "kpo", "kpo_clipped"]
 KPO_LOSSES = ("kpo", "kpo_clipped")
+PAPER = "paper"  # --kalman-q paper: the loss's paper Q (kpo_clipped 1e-6, kpo 1e-4), set explicitly
+DEFAULT = "default"  # --kalman-tau default: neither key set, run.py's default filter
+FILTER_KEYS = {"q": "loss.kalman_q", "tau": "loss.kalman_tau"}
+Filter = tuple[str, float] | None  # ("q", Q) or ("tau", tau); None: the loss's own default (not set)
 
 
 @dataclass
 class Run:
     lr: float
     loss: str
-    q: float | None
+    kalman: Filter
     seed: int
     out: Path
     cmd: list[str] = field(default_factory=list)
@@ -52,21 +59,33 @@ class Run:
 
     @property
     def cell(self) -> tuple:
-        return (self.lr, self.loss, self.q)
+        return (self.lr, self.loss, self.kalman)
 
 
-def cell_name(lr: float, loss: str, q: float | None) -> str:
-    return f"{loss}" + (f" Q={q:g}" if q is not None else "")
+def cell_name(lr: float, loss: str, kalman: Filter) -> str:
+    """'kpo_clipped Q=1e-06', 'kpo tau=4', 'grpo' (the table's loss column, and what --reference names)."""
+    if kalman is None:
+        return loss
+    return f"{loss} {'Q' if kalman[0] == 'q' else 'tau'}={kalman[1]:g}"
+
+
+def filter_settings(loss: str, kalman_q: list | None, kalman_tau: list | None) -> list[Filter]:
+    """The filters a loss is run with: one per --kalman-q and per --kalman-tau value for a KPO loss, else [None]."""
+    if loss not in KPO_LOSSES or not (kalman_q or kalman_tau):
+        return [None]
+    from kpo_lightning.algorithms.losses import LOSS_DEFAULTS
+
+    out: list[Filter] = [("q", LOSS_DEFAULTS[loss]["kalman_q"] if q == PAPER else q) for q in kalman_q or []]
+    return out + [None if tau == DEFAULT else ("tau", tau) for tau in kalman_tau or []]
 
 
 def build_runs(args) -> list[Run]:
     runs = []
     for lr in args.lrs:
         for loss in args.losses:
-            qs = args.kalman_q if (args.kalman_q and loss in KPO_LOSSES) else [None]
-            for q in qs:
+            for kalman in filter_settings(loss, args.kalman_q, args.kalman_tau):
                 for seed in args.seeds:
-                    tag = f"lr{lr:g}-{loss}" + (f"-q{q:g}" if q is not None else "") + f"-seed{seed}"
+                    tag = f"lr{lr:g}-{loss}" + (f"-{kalman[0]}{kalman[1]:g}" if kalman else "") + f"-seed{seed}"
                     out = Path(args.out) / tag
                     cmd = [sys.executable, str(ROOT / "run.py")] + ([f"preset={args.preset}"] if args.preset else [])
                     cmd += [
@@ -78,8 +97,8 @@ def build_runs(args) -> list[Run]:
                         "log.ratio_plot_every_n_steps=0",
                         "checkpoint.every_n_steps=0",
                     ]
-                    if q is not None:
-                        cmd.append(f"loss.kalman_q={q}")
+                    if kalman is not None:
+                        cmd.append(f"{FILTER_KEYS[kalman[0]]}={kalman[1]}")
                     for key, value in (
                         ("trainer.max_steps", args.steps),
                         ("optim.num_minibatches", args.minibatches),
@@ -89,7 +108,7 @@ def build_runs(args) -> list[Run]:
                             cmd.append(f"{key}={value}")
                     cmd.append(f"eval.every_n_steps={args.eval_every or args.steps or 10**6}")  # before and at the end
                     cmd += args.overrides
-                    runs.append(Run(lr, loss, q, seed, out, cmd))
+                    runs.append(Run(lr, loss, kalman, seed, out, cmd))
     return runs
 
 
@@ -201,10 +220,17 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
     p.add_argument(
         "--kalman-q",
-        type=lambda x: None if x == "paper" else float(x),
+        type=lambda x: PAPER if x == PAPER else float(x),
         nargs="+",
         default=None,
-        help="Q values for the KPO losses (V=1); 'paper' = the loss's paper default",
+        help="Q values for the KPO losses (V=1); 'paper' = the loss's paper Q (kpo_clipped 1e-6, kpo 1e-4)",
+    )
+    p.add_argument(
+        "--kalman-tau",
+        type=lambda x: DEFAULT if x == DEFAULT else float(x),
+        nargs="+",
+        default=None,
+        help="tau values for the KPO losses (Q/V = (tau / max_new_tokens)^2); 'default' = run.py's default filter",
     )
     p.add_argument(
         "--reference",
@@ -269,16 +295,16 @@ def main() -> None:
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for (lr, loss, q), st in stats.items():
+    for (lr, loss, kalman), st in stats.items():
         after = [x["after"] for x in st]
         finite = [a for a in after if not math.isnan(a)]
         delta = [x["delta"] for x in st if not math.isnan(x["delta"])]
         ref_cell = next((c for c in stats if c[0] == lr and cell_name(*c) == args.reference), None)
         ref = [x["delta"] for x in stats.get(ref_cell, []) if not math.isnan(x["delta"])]
-        t = welch_t(delta, ref) if ref_cell is not None and ref_cell != (lr, loss, q) else float("nan")
+        t = welch_t(delta, ref) if ref_cell is not None and ref_cell != (lr, loss, kalman) else float("nan")
         n_nonfinite = sum(x["nonfinite_stop"] for x in st)
         print(
-            f"| {lr:g} | {cell_name(lr, loss, q)} | {mean([x['before'] for x in st]):.3f} | "
+            f"| {lr:g} | {cell_name(lr, loss, kalman)} | {mean([x['before'] for x in st]):.3f} | "
             f"{mean(finite):.3f} +- {sd(finite):.3f} ({spread(finite, '.3f') if finite else '-'}) | "
             f"{mean(delta):+.3f} +- {sd(delta):.3f} | {'' if math.isnan(t) else f'{t:+.1f}'} | "
             f"{mean([x['reward_tail'] for x in st]):.3f} +- {sd([x['reward_tail'] for x in st]):.3f} | "
@@ -300,7 +326,7 @@ def plot(args, cells: dict[tuple, list[Run]]) -> None:
     lrs = list(dict.fromkeys(lr for lr, _, _ in cells))
     fig, axes = plt.subplots(1, len(lrs), figsize=(5 * len(lrs), 3.8), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], lrs):
-        for (cell_lr, loss, q), rs in cells.items():
+        for (cell_lr, loss, kalman), rs in cells.items():
             if cell_lr != lr:
                 continue
             curves = [[v for _, v in r.scalars.get("train/reward", [])] for r in rs]
@@ -313,7 +339,7 @@ def plot(args, cells: dict[tuple, list[Run]]) -> None:
                 arr[i, : len(c)] = smooth
             m, s = np.nanmean(arr, 0), np.nanstd(arr, 0, ddof=1) if len(curves) > 1 else np.zeros(n)
             x = np.arange(1, n + 1)
-            (line,) = ax.plot(x, m, label=cell_name(lr, loss, q), lw=1.2)
+            (line,) = ax.plot(x, m, label=cell_name(lr, loss, kalman), lw=1.2)
             ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("rollout step")

@@ -79,7 +79,10 @@ class RewardConfig:
 class LossConfig:
     type: str = "kpo_clipped"  # grpo, gspo, gmpo, kpo, kpo_clipped
     # None means "the paper's value for this loss type" (see kpo_lightning.algorithms.losses.LOSS_DEFAULTS)
-    kalman_q: float | None = None  # Q, process noise of the filter (kpo_clipped 1e-6, kpo 1e-4); only Q/V matters
+    kalman_q: float | None = None  # Q, process noise of the filter; only Q/V matters; or set kalman_tau instead
+    # tau: Q/V = (kalman_tau / L)^2 (not with kalman_q); neither set: tau 4 for kpo/kpo_clipped (losses.py)
+    kalman_tau: float | None = None
+    kalman_ref_length: int | None = None  # L of kalman_tau in tokens; None = rollout.max_new_tokens
     kalman_v: float | None = None  # V, observation noise (paper: 1)
     kalman_p0: float | None = None  # P0, initial state variance (released code: 0)
     clip_low: float | None = None  # eps_low: ratio clipped below at 1 - eps_low (grpo 0.2, kpo_clipped 3e-4)

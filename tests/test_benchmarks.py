@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import cpu_model, machine_line, spread  # noqa: E402
@@ -206,3 +208,70 @@ def test_ratio_vs_length_and_stress_losses_run_end_to_end(tmp_path):
     ), sl
     assert (tmp_path / "rvl.png").stat().st_size > 10_000 and (tmp_path / "sl.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "lr0.0001-grpo-seed1" / "tensorboard").is_dir()
+
+
+def test_stress_losses_runs_each_kpo_loss_once_per_q_and_per_tau():
+    """--kalman-q and --kalman-tau give KPO losses one cell each ('paper' = the loss's own paper Q, set explicitly;
+    'default' = neither key, run.py's default filter); other losses run once. The commands set what the cells say."""
+    from argparse import Namespace
+
+    from stress_losses import build_runs, cell_name
+
+    from kpo_lightning.cli.config_loading import load_config
+    from kpo_lightning.training.module import _loss_options
+
+    args = Namespace(
+        lrs=[1e-4],
+        losses=["grpo", "kpo", "kpo_clipped"],
+        kalman_q=["paper", 2e-3],
+        kalman_tau=[4.0, "default"],
+        seeds=[0],
+        preset="chain",
+        out="out",
+        steps=16,
+        minibatches=8,
+        epochs=None,
+        eval_every=None,
+        overrides=[],
+    )
+    runs = build_runs(args)
+    assert [cell_name(*r.cell) for r in runs] == [
+        "grpo",
+        "kpo Q=0.0001",
+        "kpo Q=0.002",
+        "kpo tau=4",
+        "kpo",
+        "kpo_clipped Q=1e-06",
+        "kpo_clipped Q=0.002",
+        "kpo_clipped tau=4",
+        "kpo_clipped",
+    ]
+    assert [r.out.name for r in runs][5:] == [
+        "lr0.0001-kpo_clipped-q1e-06-seed0",
+        "lr0.0001-kpo_clipped-q0.002-seed0",
+        "lr0.0001-kpo_clipped-tau4-seed0",
+        "lr0.0001-kpo_clipped-seed0",
+    ]
+    expected_q = [None, 1e-4, 2e-3, (4 / 160) ** 2, (4 / 160) ** 2, 1e-6, 2e-3, (4 / 160) ** 2, (4 / 160) ** 2]
+    for run, q in zip(runs, expected_q):
+        overrides = run.cmd[2:]  # after python run.py
+        assert overrides[0] == "preset=chain" and "optim.num_minibatches=8" in overrides
+        assert sum(o.startswith(("loss.kalman_q=", "loss.kalman_tau=")) for o in overrides) <= 1
+        cfg = load_config(overrides)
+        opts = _loss_options(cfg.loss, cfg.rollout.max_new_tokens)
+        assert opts.get("kalman_q") == (None if q is None else pytest.approx(q, rel=1e-12)), run.out.name
+
+
+def test_ratio_vs_length_filters_from_q_or_tau():
+    from ratio_vs_length import filter_overrides, post_hoc_filters
+
+    assert filter_overrides(None, None) == []
+    assert filter_overrides(1e-6, None) == ["loss.kalman_q=1e-06"]
+    assert filter_overrides(None, 4.0) == ["loss.kalman_tau=4.0"]
+    post = post_hoc_filters([1e-4], [1.0, 4.0], max_new_tokens=160)
+    assert [(key, label) for key, label, _ in post] == [
+        ("sw_qv0.0001", "Q/V=0.0001"),
+        ("sw_tau1", "tau=1 (Q/V=3.91e-05)"),
+        ("sw_tau4", "tau=4 (Q/V=0.000625)"),
+    ]
+    assert [qv for _, _, qv in post] == pytest.approx([1e-4, (1 / 160) ** 2, (4 / 160) ** 2], rel=1e-12)

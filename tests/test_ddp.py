@@ -70,6 +70,18 @@ def runs(out: Path, world: int, *args: str) -> list[dict]:
     return [json.loads((out / f"run-rank{r}.json").read_text()) for r in range(world)]
 
 
+def test_two_process_kalman_tau_and_filter_weight_are_the_whole_runs(tmp_path):
+    """A KPO loss's train/kalman_tau (over samples) and train/filter_weight (over tokens) under real DDP: the same on
+    both processes and equal to one process's on the whole rollout; rank 0's own values differ (its rows differ)."""
+    args = ("kpo_clipped", "token-mean", "num_minibatches=2")
+    rank0, rank1 = runs(tmp_path / "two", 2, *args)
+    (single,) = runs(tmp_path / "one", 1, *args)
+    for name in ("train/kalman_tau", "train/filter_weight"):
+        assert rank0["logs"][name] == rank1["logs"][name], name
+        assert rank0["logs"][name] == pytest.approx(single["logs"][name], rel=1e-9), name
+        assert rank0["own_logs"][name] != pytest.approx(rank0["logs"][name], rel=1e-3), name
+
+
 def test_two_process_logs_are_the_whole_runs_values(tmp_path):
     """Each process holds different rows (rewards, responses) of one rollout. Every process logs the same values,
     each the mean over both processes' own values (weighted by samples, tokens, or 1 for the loss), which is what

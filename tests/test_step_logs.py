@@ -6,8 +6,11 @@ import threading
 import pytest
 import torch
 
+from kpo_lightning.algorithms.kalman import kalman_filter_reference
 from kpo_lightning.algorithms.losses import compute_policy_loss
 from kpo_lightning.algorithms.step_logs import StepLogs, Value, combine
+
+KALMAN = {"kalman_q": 4e-3, "kalman_v": 2.0, "kalman_p0": 0.1}  # a KPO loss's filter: Q/V = 2e-3
 
 
 class TwoProcesses:
@@ -82,6 +85,7 @@ def step_logs(rank: int, reduce):
         step_seconds=2.0 + 3 * rank,
         update_seconds=1.0 - rank / 2,
         same={"lr": 0.1},
+        kalman=KALMAN,
         reduce=reduce,
     )
 
@@ -101,6 +105,7 @@ def test_step_logs_over_two_processes_are_the_whole_runs_values():
     clipped_high = ((adv[:, None] > 0) & (ratio > 1.28) & mask).sum().item()  # clip_high=0.28
     assert clipped_low > 0 and clipped_high > 0
     n_tokens = mask.sum().item()
+    filtered_ones = kalman_filter_reference(torch.ones(mask.shape, dtype=torch.float64), mask, 4e-3, 2.0, 0.1)
     # float32 inputs summed in float64: measured relative error <= 3e-8; 1e-6 leaves a wide margin
     expected = {
         "train/reward": rewards.mean().item(),
@@ -121,12 +126,18 @@ def test_step_logs_over_two_processes_are_the_whole_runs_values():
         "train/loss": (0.5 + 1.5) / 2,
         "train/grad_norm": 3.0,
         "train/lr": 0.1,
+        # tau at the mean valid length of all samples; the constant-drift share averaged over all valid tokens
+        "train/kalman_tau": mask.sum(1).double().mean().item() * (2e-3) ** 0.5,
+        "train/filter_weight": filtered_ones[mask].mean().item(),
     }
     assert rank0.keys() == expected.keys()
     for name, value in expected.items():
         assert rank0[name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
     own, _ = run_both(lambda rank, reduce: step_logs(rank, None))  # each process's own values, not combined
-    for name in ("train/reward", "train/reward_std", "train/entropy", "train/clip_frac_low", "train/loss"):
+    for name in ("train/reward", "train/reward_std", "train/entropy", "train/clip_frac_low", "train/loss") + (
+        "train/kalman_tau",
+        "train/filter_weight",
+    ):
         assert own[name] != pytest.approx(rank0[name], rel=1e-3), name
 
 

@@ -18,6 +18,44 @@ import torch
 from torch import Tensor
 
 
+def qv_from_tau(tau: float, ref_length: float) -> float:
+    """Q/V = (tau / L)^2: the noise ratio whose filter reaches tau = L * sqrt(Q/V) at length L (issue 19).
+
+    With P0 = 0 the filtered value of a constant log-ratio m is m * (1 - sech(t * sqrt(Q/V))) at token t, so tau
+    is the one number that says how much of a drift the filtered ratio carries by the response's end.
+    """
+    return (tau / ref_length) ** 2
+
+
+def tau_at(length: float, q: float, v: float) -> float:
+    """tau = length * sqrt(Q/V): the filter's reach at `length` tokens (the inverse of `qv_from_tau`)."""
+    return length * math.sqrt(q / v)
+
+
+def constant_drift_weights(q: float, v: float, n: int, p0: float = 0.0) -> Tensor:
+    """w_1..w_n (float64): the filtered value at valid rank k of a constant input 1 (x0 = 0), from the gains alone.
+
+    The recursion rho_k = (1 - K_k) rho_{k-1} + K_k on a constant input of 1 gives rho_k = 1 - prod_{j<=k} (1 - K_j),
+    computed here from the real gain schedule (close to 1 - sech(k * sqrt(Q/V)) when P0 = 0): the share of a
+    constant drift of the log-ratio that the filtered ratio carries at token k.
+    """
+    _check_noise(q, v, p0)
+    log_a = _gain_schedule(q / v, p0 / v, _pow2(n))[0][:n]
+    return -torch.expm1(torch.cumsum(log_a, 0))
+
+
+def mean_filter_weight(mask: Tensor, q: float, v: float, p0: float = 0.0) -> Tensor:
+    """The mean of `constant_drift_weights` over the valid tokens of mask (B, T), each at its rank in its row.
+
+    Ranks count valid tokens only (the filter skips masked ones). A 0-d float64 tensor on mask's device; 0 for
+    a mask with no valid token.
+    """
+    counts = mask.bool().sum(-1)
+    cumulative = torch.cumsum(constant_drift_weights(q, v, mask.shape[-1], p0), 0)
+    cumulative = torch.cat([cumulative.new_zeros(1), cumulative]).to(mask.device)  # [0] = no token
+    return cumulative[counts].sum() / counts.sum().clamp_min(1)
+
+
 @torch.no_grad()
 def kalman_filter_reference(
     log_ratio: Tensor, mask: Tensor, q: float, v: float, p0: float = 0.0, x0: float = 0.0

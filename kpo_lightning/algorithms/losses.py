@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kpo_lightning.algorithms.kalman import causal_kalman_filter
+from kpo_lightning.algorithms.kalman import causal_kalman_filter, qv_from_tau, tau_at
 from kpo_lightning.config import LossConfig
 from kpo_lightning.errors import UserInputError, check_choice
 
@@ -182,6 +182,10 @@ def kpo_clipped_loss(b: LossInputs):
 
 
 LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
+KPO_LOSSES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if "kalman_q" in LOSS_DEFAULTS[t])  # kpo, kpo_clipped
+# PROVISIONAL (issue 19, until its tau experiment settles it): the tau a KPO loss gets in KPOModule and run.py when
+# neither loss.kalman_q nor loss.kalman_tau is set. compute_policy_loss alone keeps LOSS_DEFAULTS' kalman_q.
+DEFAULT_KALMAN_TAU = 4.0
 # Every loss-specific option name (each is a `LossConfig` field), from the registry: clip_low, clip_high,
 # dual_clip, kalman_q, kalman_v, kalman_p0.
 LOSS_OPTIONS: tuple[str, ...] = tuple(
@@ -205,6 +209,11 @@ OPTION_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "agg_norm_constant": (lambda x: x > 0.0, "it must be > 0"),
     "normalizer": (lambda x: x >= 0.0, "it must be >= 0"),
 }
+# The length-aware way to set Q (config and KPOModule, not compute_policy_loss: the loss does not know L).
+TAU_OPTION_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "kalman_tau": (lambda x: x > 0.0, "it must be > 0, e.g. 4"),
+    "kalman_ref_length": (lambda x: x >= 1, "it must be >= 1 (a response length in tokens), or null"),
+}
 
 
 def check_loss_type(loss_type: str) -> None:
@@ -216,10 +225,58 @@ def check_loss_option(name: str, value: Any) -> float:
     """`value` as a float if it is a finite number in `name`'s range (OPTION_RANGES), else one UserInputError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserInputError(f"loss.{name}={value!r} is invalid: it must be a finite number")
-    in_range, fix = OPTION_RANGES[name]
+    in_range, fix = {**OPTION_RANGES, **TAU_OPTION_RANGES}[name]
     if not in_range(value):
         raise UserInputError(f"loss.{name}={value!r} is invalid: {fix}")
     return float(value)
+
+
+def kalman_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, float]:
+    """The filter's kalman_q, kalman_v, kalman_p0 for a loss config whose responses are up to max_new_tokens long.
+
+    Q is, in this order: loss.kalman_q; Q = V * (kalman_tau / L)^2 with L = loss.kalman_ref_length, default
+    max_new_tokens; for a KPO loss with neither set, tau = DEFAULT_KALMAN_TAU at that L; otherwise (GRPO, GSPO,
+    GMPO: the diagnostic filter only) KPO-clipped's paper Q. V and P0: the config's, else the loss's (else
+    KPO-clipped's) paper values. One UserInputError for both kalman_q and kalman_tau set, or a bad value.
+    """
+    for name in ("kalman_tau", "kalman_ref_length"):
+        if getattr(cfg, name) is not None:
+            check_loss_option(name, getattr(cfg, name))
+    if cfg.kalman_q is not None and cfg.kalman_tau is not None:
+        raise UserInputError(
+            f"loss.kalman_q={cfg.kalman_q!r} and loss.kalman_tau={cfg.kalman_tau!r} are both set: set one of them "
+            "(kalman_tau sets Q/V = (kalman_tau / L)^2, L = loss.kalman_ref_length or rollout.max_new_tokens); "
+            "clear the other with loss.kalman_q=null or loss.kalman_tau=null"
+        )
+    if cfg.kalman_q is not None and cfg.kalman_ref_length is not None:
+        raise UserInputError(
+            f"loss.kalman_ref_length={cfg.kalman_ref_length!r} only scales loss.kalman_tau, but loss.kalman_q="
+            f"{cfg.kalman_q!r} is set: set loss.kalman_tau instead of kalman_q, or remove kalman_ref_length"
+        )
+    paper = {**LOSS_DEFAULTS["kpo_clipped"], **LOSS_DEFAULTS[cfg.type]}
+    opts = {k: getattr(cfg, k) if getattr(cfg, k) is not None else paper[k] for k in ("kalman_v", "kalman_p0")}
+    opts = {k: check_loss_option(k, x) for k, x in opts.items()}
+    tau = cfg.kalman_tau if cfg.kalman_tau is not None or cfg.type not in KPO_LOSSES else DEFAULT_KALMAN_TAU
+    if cfg.kalman_q is not None:
+        q = cfg.kalman_q
+    elif tau is not None:
+        q = opts["kalman_v"] * qv_from_tau(tau, cfg.kalman_ref_length or max_new_tokens)
+    else:
+        q = paper["kalman_q"]
+    return {"kalman_q": check_loss_option("kalman_q", q), **opts}
+
+
+def short_filter_warning(loss_type: str, kalman: dict[str, float], max_new_tokens: int) -> str | None:
+    """The start-up warning for a KPO loss whose filter reaches tau < 1 at max_new_tokens, else None."""
+    tau = tau_at(max_new_tokens, kalman["kalman_q"], kalman["kalman_v"])
+    if loss_type not in KPO_LOSSES or tau >= 1.0:
+        return None
+    return (
+        f"[kpo] warning: {loss_type} runs at tau = max_new_tokens * sqrt(Q/V) = {tau:.3g} < 1 (Q/V = "
+        f"{kalman['kalman_q'] / kalman['kalman_v']:.4g}, max_new_tokens {max_new_tokens}): the filtered ratio stays "
+        f"~1, KPO acts as REINFORCE on stale samples; set loss.kalman_tau (e.g. {DEFAULT_KALMAN_TAU:g}) or raise "
+        "loss.kalman_q"
+    )
 
 
 def resolve_loss_options(loss_type: str, **options: Any) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kpo_lightning.algorithms.kalman import mean_filter_weight, tau_at
+
 Reduce = Callable[[Tensor, str], Tensor]  # (tensor, "sum" | "max") -> the tensor reduced over processes
 Number = float | Tensor
 
@@ -146,6 +148,7 @@ class StepLogs:
         update_seconds: float,
         same: dict[str, float],
         ratio_diagnostics: Iterable = (),
+        kalman: dict[str, float] | None = None,
         reduce: Reduce | None = None,
     ) -> dict[str, float]:
         """The step's logged values (names without the `train/` prefix are given it).
@@ -153,7 +156,8 @@ class StepLogs:
         rollout_stats: this process's `Rollout.stats` over its `num_samples` samples; entropy, mask: (rows, T) of
         every row of this process's rollout; step_seconds, update_seconds: this process's whole step and update;
         same: values already equal on every process (lr, skip counters); ratio_diagnostics: torchmetrics
-        `MetricCollection`s, computed (synced) when they were updated this step, then reset.
+        `MetricCollection`s, computed (synced) when they were updated this step, then reset; kalman: a KPO loss's
+        filter (kalman_q, kalman_v, kalman_p0), for kalman_tau and filter_weight over the rollout's mask.
         """
         values = {k: Value(v, ROLLOUT_RULES.get(k, "mean"), num_samples) for k, v in rollout_stats.items()}
         if "reward_std" in values:
@@ -164,6 +168,12 @@ class StepLogs:
             values[name] = Value(total, rule) if rule == "sum" else Value(total / tokens.clamp(min=1.0), rule, tokens)
         valid = mask.sum()
         values["entropy"] = Value((entropy * mask).sum() / valid.clamp(min=1), "mean", valid)
+        if kalman is not None:
+            q, v, p0 = kalman["kalman_q"], kalman["kalman_v"], kalman["kalman_p0"]
+            rows = mask.shape[0]
+            # tau at the mean valid length (linear in it: the sample-weighted mean over processes is the global one)
+            values["kalman_tau"] = Value(tau_at(valid / max(rows, 1), q, v), "mean", rows)
+            values["filter_weight"] = Value(mean_filter_weight(mask, q, v, p0), "mean", valid)
         # Each process's loss is normalised by (global count / processes), so their mean is the global-batch loss.
         values["loss"] = Value(sum(self._losses) / max(len(self._losses), 1), "mean")
         values["grad_norm"] = Value(sum(self._grad_norms) / max(len(self._grad_norms), 1), "same")

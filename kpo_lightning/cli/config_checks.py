@@ -86,6 +86,7 @@ def check_config(cfg: Config) -> None:
         OPTION_RANGES,
         check_loss_option,
         check_loss_type,
+        kalman_options,
     )
     from kpo_lightning.data.prompt_template import _check_chat_template_kwargs
     from kpo_lightning.models.loading import check_lora_dropout
@@ -100,6 +101,7 @@ def check_config(cfg: Config) -> None:
     for name in OPTION_RANGES:
         if getattr(cfg.loss, name, None) is not None:  # not normalizer (Python API only); None = the default
             check_loss_option(name, getattr(cfg.loss, name))
+    kalman_options(cfg.loss, cfg.rollout.max_new_tokens)  # kalman_tau / kalman_ref_length, not with kalman_q
     check_choice("loss.agg", cfg.loss.agg, AGG_MODES)
     check_choice("loss.advantage", cfg.loss.advantage, ESTIMATORS)
     check_choice("loss.kl_estimator", cfg.loss.kl_estimator, KL_ESTIMATORS)

@@ -20,13 +20,17 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from kpo_lightning.algorithms.kalman import causal_kalman_filter
+from kpo_lightning.algorithms.kalman import causal_kalman_filter, tau_at
 from kpo_lightning.algorithms.losses import (
+    DEFAULT_KALMAN_TAU,
+    KPO_LOSSES,
     LOSS_DEFAULTS,
     LOSS_OPTIONS,
     aggregation_normalizer,
     check_loss_type,
     compute_policy_loss,
+    kalman_options,
+    short_filter_warning,
 )
 from kpo_lightning.algorithms.metrics import RatioMean, RatioVariance, SwitchFrequency
 from kpo_lightning.algorithms.sequence_logprobs import sequence_logprobs
@@ -52,9 +56,12 @@ from kpo_lightning.training.strategies import FSDPStrategy
 
 
 def _loss_options(cfg: LossConfig, max_new_tokens: int) -> dict[str, Any]:
-    """The loss options set in the config (None means: the loss type's paper default)."""
+    """The loss options set in the config (None means: the loss type's paper default), and a KPO loss's filter
+    (`kalman_options`: kalman_q or kalman_tau, else the length-aware default)."""
     known = LOSS_DEFAULTS[cfg.type]
     opts = {n: getattr(cfg, n) for n in LOSS_OPTIONS if getattr(cfg, n) is not None and n in known}
+    if cfg.type in KPO_LOSSES:
+        opts.update(kalman_options(cfg, max_new_tokens))
     opts["agg"] = cfg.agg
     if cfg.agg == "seq-mean-token-sum-norm":
         opts["agg_norm_constant"] = cfg.agg_norm_constant or float(max_new_tokens)
@@ -105,13 +112,9 @@ class KPOModule(pl.LightningModule):
         self.automatic_optimization = False
         self.seed = seed
         self.loss_options = _loss_options(loss, rollout.max_new_tokens)
-        # The diagnostic filter (ratio variance and switch frequency, filtered) uses the configured Q, V, P0, else
-        # the loss's own, else KPO-clipped's: for GRPO/GSPO/GMPO it shows what the filter would have done.
-        kalman = {**LOSS_DEFAULTS["kpo_clipped"], **LOSS_DEFAULTS[loss.type]}
-        self.diag_kalman = {
-            k: getattr(loss, k) if getattr(loss, k) is not None else kalman[k]
-            for k in ("kalman_q", "kalman_v", "kalman_p0")
-        }
+        # The filter of a KPO loss; for GRPO/GSPO/GMPO the diagnostic one (ratio variance and switch frequency,
+        # filtered: what the filter would have done), from the configured Q (or tau), V, P0, else KPO-clipped's.
+        self.diag_kalman = kalman_options(loss, rollout.max_new_tokens)
 
         # Reference snapshot for the KL term: with LoRA it is the base model (adapter disabled), no copy;
         # otherwise a frozen copy, kept out of state_dict (rebuilt from the model source on resume).
@@ -204,6 +207,8 @@ class KPOModule(pl.LightningModule):
         return self.optim_cfg.num_minibatches * self.optim_cfg.epochs_per_rollout
 
     def on_fit_start(self) -> None:
+        if self.loss_cfg.type in KPO_LOSSES and self.global_rank == 0:
+            self._print_filter_setting()
         self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
         # The reference follows the policy: same device, same parameter dtype (bf16-true converts the policy),
         # same sharding (configure_model) and the same autocast (its forward runs inside training_step).
@@ -219,6 +224,25 @@ class KPOModule(pl.LightningModule):
             scheduler.base_lrs = [self.optim_cfg.lr] * len(scheduler.base_lrs)
             for group in scheduler.optimizer.param_groups:
                 group["lr"] = self.optim_cfg.lr * self._lr_factor(scheduler.last_epoch)
+
+    def _print_filter_setting(self) -> None:
+        """One line with the filter's Q/V and tau at max_new_tokens, and the warning when that tau is < 1."""
+        kal, length = self.diag_kalman, self.rollout_cfg.max_new_tokens
+        cfg = self.loss_cfg
+        how = (
+            f"loss.kalman_q={cfg.kalman_q:g}"
+            if cfg.kalman_q is not None
+            else f"tau {cfg.kalman_tau if cfg.kalman_tau is not None else DEFAULT_KALMAN_TAU:g}"
+            + f"{' (the default)' if cfg.kalman_tau is None else ''} at L = {cfg.kalman_ref_length or length}"
+        )
+        print(
+            f"[kpo] {cfg.type} filter: Q/V = {kal['kalman_q'] / kal['kalman_v']:.4g} ({how}); tau at "
+            f"max_new_tokens {length}: {tau_at(length, kal['kalman_q'], kal['kalman_v']):.3g}",
+            flush=True,
+        )
+        warning = short_filter_warning(cfg.type, kal, length)
+        if warning:
+            print(warning, flush=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kpo"] = {
@@ -431,6 +455,7 @@ class KPOModule(pl.LightningModule):
                 "skipped_long_prompts": float(getattr(self.trainer.datamodule, "num_skipped_long", 0) or 0),
             },
             ratio_diagnostics=(self.ratio_metrics_raw, self.ratio_metrics_filtered),
+            kalman=self.diag_kalman if self.loss_cfg.type in KPO_LOSSES else None,
             reduce=reduce,
         )
         batch_size = gen.input_ids.shape[0]
