@@ -25,6 +25,7 @@ SLOW = {
     "test_reward_timeouts.py::test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts",  # run.py subprocess
     "test_reward_timeouts.py::test_sigterm_during_a_stuck_reward_stops_the_run",  # run.py subprocess + SIGTERM
     "test_benchmarks.py::test_ratio_vs_length_and_stress_losses_run_end_to_end",  # 4 python subprocesses, ~15 s
+    "test_generation_precision.py::test_fsdp_bf16_mixed_rollouts_sample_in_bf16",  # two FSDP processes
 }
 
 
