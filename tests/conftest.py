@@ -18,6 +18,7 @@ SLOW = {
     "test_default_job.py",  # the default job learns: ~40 s subprocess
     "test_ddp.py",  # two-process DDP (gloo) subprocesses
     "test_fsdp.py",  # two-process FSDP (gloo) subprocesses, ~150 s of CPU in all
+    "test_distributed_runs.py",  # run.py on two gloo processes: split validation, mode=eval, two nodes
     "test_resume.py",  # several runs, SIGKILL/SIGTERM subprocesses
     "test_cli_errors.py::test_real_process_exit_code_and_debug_traceback",  # two CLI subprocesses
     "test_end_to_end.py::test_run_py_few_steps_writes_tensorboard_and_final_model",
