@@ -42,7 +42,12 @@ from kpo_lightning.config import (
 )
 from kpo_lightning.data.datamodule import VAL_PADDING
 from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
-from kpo_lightning.models.loading import decay_parameter_names, disable_dropout, weight_dtype
+from kpo_lightning.models.loading import (
+    decay_parameter_names,
+    disable_dropout,
+    store_reference_in_compute_dtype,
+    weight_dtype,
+)
 from kpo_lightning.models.sharding import is_sharded
 from kpo_lightning.rewards.scoring import reward_from_config
 from kpo_lightning.rollout.callback import RolloutCallback, RolloutInputs
@@ -188,10 +193,14 @@ class KPOModule(pl.LightningModule):
                 self.policy.float()
                 for ref in self._reference:
                     ref.float()
-        if isinstance(strategy, FSDPStrategy):
+        sharding = isinstance(strategy, FSDPStrategy)
+        for ref in self._reference:
+            if not is_sharded(ref):  # frozen: stored in the dtype it computes in (bfloat16 under bf16-mixed)
+                store_reference_in_compute_dtype(ref, str(self.trainer.precision), sharded=sharding)
+        if sharding:
             strategy.shard(self.policy)
             for ref in self._reference:
-                strategy.shard(ref)
+                strategy.shard(ref, frozen=True)
 
     def configure_optimizers(self):
         params = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
@@ -219,11 +228,13 @@ class KPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
-        # The reference follows the policy: same device, same parameter dtype (bf16-true converts the policy),
-        # same sharding (configure_model) and the same autocast (its forward runs inside training_step).
-        dtype = next((p.dtype for p in self.policy.parameters() if p.dtype.is_floating_point), None)
+        # The reference follows the policy: same device, same sharding (configure_model), the same autocast (its
+        # forward runs inside training_step) and bf16-true's bfloat16 weights (Lightning converts the policy only);
+        # under bf16-mixed it keeps the bfloat16 weights configure_model stored it in (no float32 master copy).
         for ref in self._reference:
-            ref.to(device=self.device, dtype=dtype)
+            ref.to(device=self.device)
+            if self.trainer.precision == "bf16-true":
+                ref.to(dtype=torch.bfloat16)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kpo"] = {
