@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from kpo_lightning.cli.train import placement
 from kpo_lightning.config import Config
 from kpo_lightning.data.datamodule import PromptDataModule
+from kpo_lightning.errors import UserInputError
 from kpo_lightning.models.loading import load_model_and_tokenizer
 from kpo_lightning.training.module import KPOModule
 
@@ -40,7 +41,13 @@ def run_eval(cfg: Config, reward_fn: Callable[..., float]) -> int:
     for source in [s.strip() for s in cfg.data.source.split(",") if s.strip()]:
         data_cfg = dataclasses.replace(cfg.data, source=source, val_source=source)
         datamodule = PromptDataModule(data_cfg, tokenizer=tokenizer, seed=cfg.seed)
+        module.last_val_summary = {}
         trainer.validate(module, datamodule=datamodule, verbose=False)
+        if not module.last_val_summary:
+            raise UserInputError(
+                f"data.source={source}: no prompt left to evaluate (all longer than data.max_prompt_tokens="
+                f"{cfg.data.max_prompt_tokens}, or data.val_size=0); raise them"
+            )
         summary = dict(module.last_val_summary)
         results[source] = summary
         k = cfg.eval.k
