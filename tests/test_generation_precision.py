@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from rollout_dtypes import main as spy_one_step  # noqa: E402
@@ -30,10 +32,14 @@ def test_bf16_mixed_rollouts_sample_in_bf16_with_a_half_size_cache(tmp_path):
     assert got["param_dtypes"] == ["torch.float32"]
 
 
-def test_32_true_rollouts_stay_float32(tmp_path):
-    got = spied(tmp_path, "32-true")
-    assert got["rollout_in"] == got["rollout_out"] == ["torch.float32"] and got["cache_dtype"] == "torch.float32"
-    assert got["cache_bytes"] == 2 * math.prod(got["cache_shape"]) * 4
+@pytest.mark.parametrize(
+    "precision, dtype, size", [("32-true", "torch.float32", 4), ("bf16-true", "torch.bfloat16", 2)]
+)
+def test_other_precisions_sample_with_their_weights_as_they_are(tmp_path, precision, dtype, size):
+    got = spied(tmp_path, precision)
+    assert got["rollout_in"] == got["rollout_out"] == got["train_in"] == [dtype] and got["cache_dtype"] == dtype
+    assert got["cache_bytes"] == 2 * math.prod(got["cache_shape"]) * size
+    assert got["param_dtypes"] == [dtype]
 
 
 def test_fsdp_bf16_mixed_rollouts_sample_in_bf16(tmp_path):

@@ -9,6 +9,7 @@ touches nothing else of the module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -67,7 +68,8 @@ class RolloutCallback(pl.Callback):
         inputs = pl_module.rollout_inputs()
         # This hook runs outside Lightning's step contexts: enter the precision's forward context (autocast under
         # bf16-mixed) as training and validation steps do, with the weights validation samples with.
-        with trainer.precision_plugin.forward_context(), full_weights_for_generation(trainer, inputs.policy):
+        precision = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+        with precision, full_weights_for_generation(trainer, inputs.policy):
             batch["rollout"] = self._make(inputs, batch)
 
     def _make(self, inputs: RolloutInputs, batch: dict):
