@@ -61,7 +61,9 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
     top_p: float = 1.0  # nucleus sampling (1.0 = off)
     top_k: int = 0  # 0 disables
-    generation_batch_size: int = 0  # sequences per generate() call; 0 = all at once
+    # sequences per generate() call: "auto" = as many as the device's free memory holds (KV cache of the longest
+    # prompt + response, kpo_lightning/algorithms/memory_plan.py; a power of two, at most 1024); 0 = all at once
+    generation_batch_size: int | str = "auto"
 
 
 @dataclass

@@ -1,21 +1,32 @@
-"""GPU check of the paper recipe: `preset=paper` on a tiny randomly initialised Qwen3 (config built in code), two
-rollout steps per variant, each printing loss, gradient norm, tokens/s and peak GPU memory.
+"""GPU check of the paper recipe: `preset=paper` on a randomly initialised Qwen3 with the real 151,936-token
+vocabulary (config built in code), two rollout steps per variant, each printing loss, gradient norm, tokens/s, the
+measured peak memory and `run.py --plan`'s prediction for the same run.
 
     bash scripts/gpu_check.sh            # on a machine with CUDA GPUs (no edits, no downloads)
     bash scripts/gpu_check.sh --cpu      # the same variants on CPU processes (gloo): a smoke test of the path
 
+The model: Qwen3-0.6B's shapes on a GPU (hidden 1024, 28 layers, 16 heads, 8 KV heads, head_dim 128, intermediate
+3072, tied embeddings), a 2-layer hidden-64 Qwen3 with `--cpu`; both with Qwen3's vocabulary, so the chunked
+151,936-column log-prob path and a full-size LM head run. The tokenizer is the project's character tokenizer
+filled up to 151,936 ids with tokens "<i>" (encode never produces them; they decode to their text, digits
+included, so the digit-share reward varies within groups and the gradient is not zero).
 Variants: 1 GPU (bf16-mixed, gradient checkpointing: the preset as it stands), 1 GPU without checkpointing,
 1 GPU with LoRA, FSDP on 1 GPU, and on machines with 2+ GPUs FSDP on 2 GPUs, with and without LoRA. The data is
 the built-in arithmetic task (the machine may be offline) and the reward the share of digits in the completion
 (a random model never answers right: the math reward would give a zero gradient); everything else is the paper
-preset, with shorter responses (--max-new-tokens, default 1024) so the check takes minutes. On a machine without CUDA
-(and without --cpu) it says so and exits 0. Exit 1 when a variant fails.
+preset, with shorter responses (--max-new-tokens, default 1024) so the check takes minutes.
+
+The measured peak is `torch.cuda.max_memory_allocated()` of rank 0 over the whole run, never reset: the validation
+before training, the rollouts' `generate` (with `rollout.generation_batch_size=auto`) and the updates. Exit 1 when a
+variant fails, has a non-finite loss or gradient norm or a skipped optimizer step, or measures a peak more than
+PEAK_MARGIN above the plan. On a machine without CUDA (and without --cpu) it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+QWEN3_VOCAB = 151_936
+PEAK_MARGIN = 0.10  # a measured peak above the plan by more than this share fails the check
 
 # name: (processes, strategy, extra overrides)
 VARIANTS = {
@@ -38,14 +52,14 @@ VARIANTS = {
 
 
 def tiny_qwen3(folder: Path, cpu: bool) -> Path:
-    """A random Qwen3 (tied embeddings, q/k norms, GQA: the Qwen3-4B layout, scaled down) with the project's
-    character tokenizer, saved as a model folder."""
+    """A random Qwen3 with Qwen3's vocabulary (tied embeddings, q/k norms, GQA): Qwen3-0.6B's shapes on a GPU, a
+    2-layer hidden-64 one with --cpu; the character tokenizer filled up to that vocabulary; saved as a folder."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     from kpo_lightning.models.char_tokenizer import build_char_tokenizer
 
-    tok = build_char_tokenizer(model_max_length=8192)
+    tok = build_char_tokenizer(model_max_length=8192, vocab_size=QWEN3_VOCAB)
     size = (
         dict(
             hidden_size=64,
@@ -56,17 +70,17 @@ def tiny_qwen3(folder: Path, cpu: bool) -> Path:
             head_dim=16,
         )
         if cpu
-        else dict(
-            hidden_size=512,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=64,
+        else dict(  # Qwen3-0.6B
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
         )
     )
     config = Qwen3Config(
-        vocab_size=len(tok),
+        vocab_size=QWEN3_VOCAB,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
@@ -131,27 +145,32 @@ def worker(args) -> int:
     import torch
 
     import kpo_lightning.cli.train as train_main
+    from kpo_lightning.algorithms.memory_plan import GIB, ParameterCounts, Shapes, plan_memory
     from kpo_lightning.cli.config_checks import check_config
     from kpo_lightning.cli.config_loading import load_config
     from kpo_lightning.cli.main import check_inputs
+    from kpo_lightning.cli.plan import device_memory_bytes, process_count
+    from kpo_lightning.models.memory import load_model_config, parameter_counts
+
+    def peak_gib() -> float:
+        return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
 
     class Report(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+        """One RESULT line per rollout step (rank 0); the peak is never reset, so it includes the validation
+        before training and every generate so far."""
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if not trainer.is_global_zero:
                 return
             logs = pl_module.last_logs
-            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             row = {
                 "variant": args.variant,
                 "step": pl_module.rollout_step,
                 "loss": logs["train/loss"],
                 "grad_norm": logs["train/grad_norm"],
+                "skipped_steps": logs.get("train/skipped_steps", 0.0),
                 "tokens_per_s": logs["train/tokens_per_second"],
-                "peak_gib": peak,
+                "peak_gib": peak_gib(),
                 "reward": logs.get("train/reward"),
             }
             print("RESULT " + json.dumps(row), flush=True)
@@ -160,7 +179,35 @@ def worker(args) -> int:
     train_main.build_trainer = lambda cfg, callbacks, logger: build(cfg, [*callbacks, Report()], logger)
     cfg = load_config(overrides(args.variant, Path(args.model), Path(args.out), args.cpu, args.max_new_tokens))
     check_config(cfg)
-    return train_main.run_train(cfg, check_inputs(cfg))
+    # run.py --plan's prediction for this run, on this device (its free memory before anything is allocated).
+    model_config = load_model_config(cfg.model)
+    processes = process_count(cfg)
+    device_bytes, _ = device_memory_bytes(cfg, None, processes)
+    counts = ParameterCounts(**parameter_counts(model_config, cfg.model))
+    plan = plan_memory(cfg, Shapes.from_config(model_config), counts, device_bytes, processes)
+    code = train_main.run_train(cfg, check_inputs(cfg))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        final = {"peak_gib": peak_gib(), "plan_gib": plan.total / GIB, "plan_batch": plan.generation_batch}
+        print("FINAL " + json.dumps(final), flush=True)
+    return code
+
+
+def problems(rows: list[dict], final: dict) -> list[str]:
+    """Why a variant's numbers fail the check: a non-finite loss or gradient norm, a skipped optimizer step, or a
+    measured peak above the plan by more than PEAK_MARGIN (only where a peak is measured: CUDA)."""
+    found = []
+    for row in rows:
+        for key in ("loss", "grad_norm"):
+            if not math.isfinite(row[key]):
+                found.append(f"step {row['step']}: {key} {row[key]}")
+        if row["skipped_steps"] > 0:
+            found.append(f"step {row['step']}: {int(row['skipped_steps'])} skipped optimizer step(s)")
+    peak, planned = final["peak_gib"], final["plan_gib"]
+    if math.isfinite(peak) and peak > planned * (1 + PEAK_MARGIN):
+        found.append(
+            f"measured peak {peak:.2f} GiB exceeds the plan's {planned:.2f} GiB by more than {PEAK_MARGIN:.0%}"
+        )
+    return found
 
 
 def main() -> int:
@@ -216,18 +263,31 @@ def main() -> int:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
             seconds = time.perf_counter() - start
             got = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or len(got) != 2:
+            final = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("FINAL ")]
+            if proc.returncode != 0 or len(got) != 2 or len(final) != 1:
                 failed.append(name)
                 print(f"[FAIL] {name} (exit {proc.returncode}):\n{proc.stderr[-4000:]}", flush=True)
                 continue
+            bad = problems(got, final[0])
             for row in got:
                 print(
-                    f"[ok] {name} step {row['step']}: loss {row['loss']:+.3e}  grad_norm {row['grad_norm']:.4f}  "
-                    f"tokens/s {row['tokens_per_s']:.0f}  peak GPU memory {row['peak_gib']:.2f} GiB",
+                    f"[{'FAIL' if bad else 'ok'}] {name} step {row['step']}: loss {row['loss']:+.3e}  "
+                    f"grad_norm {row['grad_norm']:.4f}  skipped {int(row['skipped_steps'])}  "
+                    f"tokens/s {row['tokens_per_s']:.0f}",
                     flush=True,
                 )
+            peak, planned = final[0]["peak_gib"], final[0]["plan_gib"]
+            measured = f"{peak:.2f} GiB measured" if math.isfinite(peak) else "not measured (CPU)"
+            print(
+                f"     peak memory {measured} (validation and generation included) vs {planned:.2f} GiB "
+                f"planned (--plan; generation batch {final[0]['plan_batch']}); {seconds:.0f} s including start-up",
+                flush=True,
+            )
+            for why in bad:
+                print(f"     [FAIL] {why}", flush=True)
+            if bad:
+                failed.append(name)
             rows += got
-            print(f"     ({seconds:.0f} s including start-up and validation)", flush=True)
     print(
         f"gpu_check: {len(names) - len(failed)} variant(s) run or skipped, {len(failed)} failed"
         + (f": {', '.join(failed)}" if failed else "")

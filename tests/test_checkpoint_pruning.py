@@ -10,13 +10,14 @@ from kpo_lightning.training.checkpointing import RolloutCheckpoint, latest_check
 
 
 class FakeTrainer:
+    """One process; the strategy writes a small file for the checkpoint dict Lightning would build."""
+
     is_global_zero = True
+    world_size = 1
 
     def __init__(self) -> None:
-        self.strategy = SimpleNamespace(barrier=lambda name=None: None)
-
-    def save_checkpoint(self, path) -> None:
-        Path(path).write_text("ckpt")
+        self.strategy = SimpleNamespace(save_checkpoint=lambda checkpoint, path: Path(path).write_text("ckpt"))
+        self._checkpoint_connector = SimpleNamespace(dump_checkpoint=lambda weights_only=False: {})
 
 
 def names(directory: Path) -> list[str]:

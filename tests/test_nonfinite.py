@@ -88,6 +88,7 @@ def test_checkpoint_callback_never_saves_after_non_finite_stop(tmp_path):
             return tmp_path / "step-000001.ckpt"
 
     callback, module = Recording(tmp_path), SimpleNamespace(rollout_step=1)
+    callback.training_started = True  # a run that trained (before that, nothing is ever saved)
     callback.on_exception(None, module, NonFiniteTrainingError("3 steps in a row"))
     assert saved == []
     callback.on_exception(None, module, RuntimeError("some other failure"))

@@ -39,8 +39,7 @@ def args(root: Path, out: Path, *extra: str) -> list[str]:
         "optim.warmup_ratio=0",
         "log.samples_every_n_steps=0",
         "log.ratio_plot_every_n_steps=0",
-        # validation every 2 steps: it draws from the global RNG (its DataLoader's seed), which a resume must
-        # account for when the checkpoint was written after it (at the end, on SIGTERM)
+        # validation every 2 steps: a checkpoint written after it (at the end, on SIGTERM) must resume exactly too
         "eval.every_n_steps=2",
         "data.val_size=4",
         "eval.k=2",

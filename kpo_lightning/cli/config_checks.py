@@ -32,7 +32,6 @@ POSITIVE = (
 AT_LEAST = {
     "rollout.num_generations": 2,
     "rollout.top_k": 0,
-    "rollout.generation_batch_size": 0,
     "reward.num_workers": 0,
     "data.val_size": 0,
     "data.arithmetic_max_operand": 1,
@@ -104,6 +103,7 @@ def check_config(cfg: Config) -> None:
     check_choice("loss.kl_estimator", cfg.loss.kl_estimator, KL_ESTIMATORS)
     _check_strategy_and_precision(cfg)
     _check_chat_template_kwargs(cfg.data.chat_template_kwargs)
+    _check_generation_batch_size(cfg.rollout.generation_batch_size)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         _fail("rollout.top_p", cfg.rollout.top_p, "it must lie in (0, 1]")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
@@ -123,6 +123,11 @@ def check_config(cfg: Config) -> None:
             cfg.resume,
             "that checkpoint does not exist; give an existing .ckpt file, 'auto', 'auto_or_fresh' or null",
         )
+
+
+def _check_generation_batch_size(value: int | str) -> None:
+    if value != "auto" and not (isinstance(value, int) and value >= 0):
+        _fail("rollout.generation_batch_size", value, "give auto (sized by free memory), 0 (all at once) or N > 0")
 
 
 def _check_chain(cfg: Config) -> None:

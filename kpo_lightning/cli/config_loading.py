@@ -173,6 +173,8 @@ def _type_hint(key: str) -> str:
     obj: Any = Config()
     for part in key.split("."):
         obj = getattr(obj, part, None)
+    if obj == "auto":  # an int-or-"auto" key (rollout.generation_batch_size)
+        return "give an integer or auto"
     if isinstance(obj, bool):
         return "give true or false"
     if isinstance(obj, int):

@@ -1,4 +1,5 @@
-"""`python run.py [--config FILE.yaml] [key=value ...]`: validate everything, then train or evaluate.
+"""`python run.py [--config FILE.yaml] [--plan [--device-memory-gib N]] [key=value ...]`: validate everything,
+then train or evaluate (or, with --plan, print the memory budget per process: kpo_lightning/cli/plan.py).
 
 Input errors print one line and exit 2 (`debug=true` shows the traceback); nothing heavy is loaded before the
 config, the data source, the model path, the reward function and the resume path have been checked.
@@ -31,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the versions of kpo-lightning, torch, lightning, transformers and python, and exit",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory budget per process from the model's config.json (no weights, no GPU) and exit: "
+        "0 when it fits, 2 (with what to change) when it does not",
+    )
+    p.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        metavar="N",
+        help="with --plan: plan for devices of N GiB (default: the free memory of this machine's GPU)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.type=kpo preset=smollm2")
     return p
 
@@ -39,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_intermixed_args(argv)  # options between overrides too
         if args.version:
             from kpo_lightning.cli.versions import version_line
 
@@ -50,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if args.plan:
+            from kpo_lightning.cli.plan import run_plan
+
+            return run_plan(cfg, args.device_memory_gib)
+        if args.device_memory_gib is not None:
+            raise UserInputError("--device-memory-gib only applies with --plan: add --plan or drop it")
         return run(cfg)
     except UserInputError as e:
         if debug:

@@ -26,11 +26,20 @@ MODEL_MAX_LENGTH = 512
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def build_char_tokenizer(model_max_length: int = MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """The character tokenizer: ~90 tokens, specials first, left padding."""
+def build_char_tokenizer(
+    model_max_length: int = MODEL_MAX_LENGTH, vocab_size: int | None = None
+) -> PreTrainedTokenizerFast:
+    """The character tokenizer: ~90 tokens, specials first, left padding.
+
+    `vocab_size` fills the vocabulary up to that many ids with tokens `<i>` (i = the id): encode never produces
+    them (it splits text into characters) and decode gives their text, so a random model with a large vocabulary
+    (scripts/gpu_check.py: Qwen3's 151,936) samples text that contains digits and varies.
+    """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in CHARACTERS:
         vocab.setdefault(ch, len(vocab))
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<{i}>"] = i
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     backend.decoder = decoders.Fuse()  # join tokens with no separator

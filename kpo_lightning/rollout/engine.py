@@ -19,8 +19,10 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from kpo_lightning.algorithms.advantages import group_advantages
+from kpo_lightning.algorithms.memory_plan import HEADROOM, Shapes, generation_batch_size, generation_bytes_per_sequence
 from kpo_lightning.config import EvalConfig, RolloutConfig
 from kpo_lightning.data.prompt_tokens import encode_prompts
+from kpo_lightning.models.memory import free_device_bytes
 from kpo_lightning.rewards.scoring import score_completions
 
 _ROLLOUT = RolloutConfig()  # SamplingParams' defaults are the config's: one place states them
@@ -37,7 +39,7 @@ class SamplingParams:
     temperature: float = _ROLLOUT.temperature  # 0 = greedy (evaluation only: training log-probs need a temperature > 0)
     top_p: float = _ROLLOUT.top_p  # 1.0 = off
     top_k: int = _ROLLOUT.top_k  # 0 = off
-    batch_size: int = _ROLLOUT.generation_batch_size  # sequences per generate() call; 0 = all at once
+    batch_size: int | str = _ROLLOUT.generation_batch_size  # per generate() call; "auto" (free memory), 0 = all
     seed: int | None = None  # seeds this call's sampling; None = the global RNG as it stands
 
     @classmethod
@@ -179,6 +181,31 @@ def model_generation_config(model: torch.nn.Module, config: GenerationConfig) ->
             m.generation_config = original
 
 
+def generation_compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype `generate`'s KV cache will hold: autocast's when autocast is on, else the weights' dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def resolve_batch_size(
+    batch_size: int | str, model: torch.nn.Module, device: torch.device, prompt_tokens: int, new_tokens: int
+) -> int:
+    """Sequences per `generate` call (0 = all at once). "auto": as many as fit in the device's free memory now
+    (CUDA free memory, or available RAM on CPU, less `HEADROOM`), each costing its KV cache over prompt + response
+    and its working memory (memory_plan.generation_bytes_per_sequence), as a power of two, at most
+    `AUTO_MAX_SEQUENCES`; at least 1. A model whose config does not give the shapes: 0 (all at once)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    try:
+        shapes = Shapes.from_config(model.config)
+    except AttributeError:
+        return 0
+    itemsize = generation_compute_dtype(model, device).itemsize
+    per_sequence = generation_bytes_per_sequence(shapes, prompt_tokens, new_tokens, itemsize)
+    return max(1, generation_batch_size(free_device_bytes(device) * (1 - HEADROOM), per_sequence))
+
+
 class HFGenerateEngine:
     """Batched sampling with transformers' `generate` (KV cache on), in eval mode, without gradients.
 
@@ -199,7 +226,7 @@ class HFGenerateEngine:
         was_training = model.training
         model.eval()
         n = prompt_ids.shape[0]
-        step = params.batch_size if params.batch_size > 0 else n
+        step = resolve_batch_size(params.batch_size, model, device, prompt_ids.shape[1], params.max_new_tokens) or n
         chunks = []
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=params.seed is not None)
         try:

@@ -1,28 +1,38 @@
 """Checkpoints that let a run continue as if never stopped, written atomically, checked before use, the last N kept.
 
 A checkpoint (Lightning's format) holds the policy, optimizer and scheduler, the loops' progress, the data stream
-position (the DataModule's state), the module's counters and, added here, every RNG state. The reference
-snapshot is not stored: it is rebuilt from `model.name_or_path`.
+position (the DataModule's state) and the module's counters. No RNG state: nothing a run draws comes from the
+global RNGs (sampling is seeded by (seed, rank, step) in a forked RNG, validation by its own seed, the data by
+(seed, epoch); `tests/test_checkpoint_state.py` scrambles them before every rollout and gets the same run bit for
+bit), so there is nothing to restore, on any number of GPUs. The reference snapshot is not stored: it is rebuilt
+from `model.name_or_path`.
 
 Saves go to `step-N.ckpt.tmp` in the checkpoint folder itself (one write, fsynced), then `os.replace` puts them in
 place: a kill or a full disk mid-save never touches the checkpoints already there. Before a resume trusts a file,
 `checkpoint_problem` opens it: the zip's central directory sits at the end of the file, so a truncated or empty
-file fails there; then the keys a resume needs and the step in its name are checked. Only the index and the small
-pickle are read (tensors are memory-mapped, not read), so the check costs milliseconds whatever the model size; it
-does not checksum the tensor bytes.
+file fails there; then the keys a resume needs and the step in its name are checked, and every record of the zip is
+read and checked against its CRC-32 (zipfile's `testzip`), so damage inside the file (a zeroed record header, flipped
+bytes in a tensor) is found before a resume trusts it. That reads the whole file once: about as long as loading it.
+A restore that fails all the same is handled like a failed check by the caller (see `cli.train`).
+
+A checkpoint is written only from a state that is complete: a fresh run's trained steps, or a restore that finished
+(`RolloutCheckpoint.on_exception` saves nothing when the run stopped before training started, e.g. a restore that
+failed half-way). From the moment a run resumes, "the state after the last finished step" (the data position) is
+the restored one, so a stop during the first rollout after a resume saves exactly what was restored.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import random
 import re
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -33,25 +43,7 @@ TMP_SUFFIX = ".tmp"  # step-N.ckpt.tmp: a save in progress (or cut short), never
 DAMAGED_SUFFIX = ".damaged"  # step-N.ckpt.damaged: set aside by a resume that fell back to an older checkpoint
 # What a resume needs from a checkpoint: weights, optimizer and scheduler, loop progress, our counters.
 REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "kpo")
-
-
-def rng_states() -> dict:
-    # Plain types and tensors only, so the checkpoint loads with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+CONFIG_KEY = "kpo_config"  # the resolved config (YAML text) the checkpoint was written under
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -101,7 +93,17 @@ def checkpoint_problem(path: Path) -> str | None:
     m = CKPT_PATTERN.match(path.name)
     if m and int(m.group(1)) != step:
         return f"its name says step {int(m.group(1))} but it holds step {step}"
-    return None
+    return _record_damage(path)
+
+
+def _record_damage(path: Path) -> str | None:
+    """Reads every record of the checkpoint's zip and checks its CRC-32: None when all are intact."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, ValueError) as e:
+        return f"damaged inside ({str(e).strip()[:160] or type(e).__name__})"
+    return f"damaged inside (record {bad} fails its CRC check)" if bad is not None else None
 
 
 def _tensor_bytes(obj: Any, seen: set | None = None) -> int:
@@ -129,7 +131,16 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _save_error(path: Path, reason: str, needed: int) -> CheckpointSaveError:
+PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _save_error(path: Path, reason: str, needed: int, err: int | None = None) -> CheckpointSaveError:
+    if err in PERMISSION_ERRNOS:  # not a space problem: say so, rather than "free space"
+        return CheckpointSaveError(
+            f"could not save checkpoint {path.name.removesuffix(TMP_SUFFIX)} in {path.parent}: no permission to "
+            f"write there ({reason}); the earlier checkpoints are intact: make the folder writable or point "
+            "output_dir at a writable folder, then resume=auto"
+        )
     free = shutil.disk_usage(path.parent).free
     return CheckpointSaveError(
         f"could not save checkpoint {path.name.removesuffix(TMP_SUFFIX)} in {path.parent}: {reason} (free there: "
@@ -178,7 +189,7 @@ class DirectCheckpointIO(TorchCheckpointIO):
         except BaseException as e:
             path.unlink(missing_ok=True)
             if isinstance(e, OSError):
-                raise _save_error(path, e.strerror or str(e), needed) from e
+                raise _save_error(path, e.strerror or str(e), needed, e.errno) from e
             raise
 
 
@@ -226,16 +237,40 @@ def normalize_loop_state(checkpoint: dict) -> None:
     checkpoint["epoch"] = 0
 
 
+def saved_config(path: Path) -> str | None:
+    """The resolved config (YAML) a checkpoint was written under, None for a folder or one written before it was
+    stored (read from the memory-mapped file: milliseconds)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    config = state.get(CONFIG_KEY) if isinstance(state, dict) else None
+    return config if isinstance(config, str) else None
+
+
+def _failed_ranks(trainer: pl.Trainer, failed: bool) -> list[int]:
+    """The ranks whose part of a save failed; every rank calls this (one all-gather), so every rank learns it."""
+    if trainer.world_size == 1:
+        return [0] if failed else []
+    flags = trainer.strategy.all_gather(torch.tensor([int(failed)], device=trainer.strategy.root_device))
+    return [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
+
+
 class RolloutCheckpoint(pl.Callback):
     """Saves `step-N.ckpt` every `every_n_steps` rollout steps, at the end of training and when interrupted
     (Ctrl-C, SIGTERM, an error): write to a temporary file, then rename, so a kill mid-save leaves the last
-    checkpoint intact."""
+    checkpoint intact. `run_config` (the resolved config as YAML) is stored in each checkpoint, so a resume can name
+    what changed since."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 50, keep_last: int = 2) -> None:
+    def __init__(
+        self, dirpath: str | Path, every_n_steps: int = 50, keep_last: int = 2, run_config: str | None = None
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self.run_config = run_config
         self._saved_step: int | None = None  # the step this run last saved (not re-saved at the end)
+        self.training_started = False  # True once the state is whole: fresh, or restored completely
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         # Write in place, once (see DirectCheckpointIO); a strategy with its own writer (sharded) keeps it.
@@ -246,19 +281,34 @@ class RolloutCheckpoint(pl.Callback):
                 _remove(stale)
 
     def save(self, trainer: pl.Trainer, pl_module) -> Path | None:
+        """Writes step-N.ckpt on every rank's say-so: a write that fails on any rank stops every rank (raises)."""
         step = pl_module.rollout_step
         path = self.dirpath / f"step-{step:06d}.ckpt"
         if self._saved_step == step:
             return path
         tmp = path.with_name(path.name + TMP_SUFFIX)
+        error: Exception | None = None
         try:
-            trainer.save_checkpoint(tmp)
-        except BaseException as e:
-            _remove(tmp)  # whatever the writer: no partial file left to fill the disk
-            if isinstance(e, OSError) and not isinstance(e, CheckpointSaveError):
-                raise _save_error(path, e.strerror or str(e), _size_hint(self.dirpath)) from e
+            # Trainer.save_checkpoint without its closing barrier: a rank whose write failed would leave the others
+            # waiting there until the process group times out; instead every rank learns below whether all wrote.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.save_checkpoint(checkpoint, tmp)
+        except Exception as e:
+            error = e
+        except BaseException:  # Ctrl-C, SystemExit mid-save: no partial file left to fill the disk
+            _remove(tmp)
             raise
-        trainer.strategy.barrier("kpo_checkpoint")
+        failed = _failed_ranks(trainer, error is not None)
+        if failed:
+            _remove(tmp)  # whatever the writer: no partial file left to fill the disk
+            if error is None:
+                raise CheckpointSaveError(
+                    f"could not save checkpoint {path.name} in {self.dirpath}: rank {', '.join(map(str, failed))} "
+                    "failed to write it (its own message says why); the earlier checkpoints are intact"
+                )
+            if isinstance(error, OSError) and not isinstance(error, CheckpointSaveError):
+                raise _save_error(path, error.strerror or str(error), _size_hint(self.dirpath), error.errno) from error
+            raise error
         if trainer.is_global_zero:
             os.replace(tmp, path)
             _fsync_dir(self.dirpath)
@@ -267,17 +317,20 @@ class RolloutCheckpoint(pl.Callback):
         self._saved_step = step
         return path
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning calls this after the whole restore (weights, data, callbacks, optimizer, loops): from here on
+        # the state is one a checkpoint may be written from.
+        self.training_started = True
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._mid_step = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mid_step = False
-        # A checkpoint of step N resumes as if taken here (see normalize_loop_state), so it carries the RNG state of
-        # this moment even when written later (at the end, on SIGTERM): a validation run after this step draws from
-        # the global RNG (its DataLoader's seed), and the resumed run redoes that draw.
-        self._rng_after_step = rng_states()
-        # Likewise the data stream's position: a stop while the next rollout is sampled or scored (before any weight
-        # changes) saves step N, and the batch already handed to that rollout must not count as consumed.
+        # A checkpoint of step N resumes as if taken here (see normalize_loop_state), so it carries the data stream's
+        # position of this moment even when written later (at the end, on SIGTERM): a stop while the next rollout is
+        # sampled or scored (before any weight changes) saves step N, and the batch already handed to that rollout
+        # must not count as consumed.
         datamodule = getattr(trainer, "datamodule", None)
         self._data_after_step = datamodule.state_dict() if datamodule is not None else None
         if self.every_n_steps > 0 and pl_module.rollout_step % self.every_n_steps == 0:
@@ -289,6 +342,10 @@ class RolloutCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Interrupted (Ctrl-C, SIGTERM) or failed: keep what was trained so far, but never a step cut in the
         # middle (its weights are half-updated): then the last periodic checkpoint stays the newest.
+        if not self.training_started:
+            # Stopped before training began: a restore that failed half-way leaves a mix of restored and fresh
+            # state (Lightning restores the module's counters before the weights), which must never be saved.
+            return
         if isinstance(exception, NonFiniteTrainingError):
             return  # the weights may be broken: the last periodic checkpoint is the last good one
         if isinstance(exception, CheckpointSaveError):
@@ -308,20 +365,13 @@ class RolloutCheckpoint(pl.Callback):
         key = type(trainer.datamodule).__qualname__ if getattr(trainer, "datamodule", None) is not None else None
         if state and key in checkpoint:
             checkpoint[key] = state
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         normalize_loop_state(checkpoint)
-
-    def state_dict(self) -> dict:
-        states = getattr(self, "_rng_after_step", None)
-        return {"rng": states if states is not None else rng_states()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._rng_to_restore = state_dict.get("rng")
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Restored here, after Lightning's own setup (which reseeds), so sampling continues exactly.
-        states = getattr(self, "_rng_to_restore", None)
-        if states is not None:
-            set_rng_states(states)
-            self._rng_to_restore = None
+        # The restored data position is "after the last finished step" until this run finishes one: a stop during
+        # the first rollout after a resume saves it, not the position of the batch that rollout already took.
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
+            self._data_after_step = checkpoint.get(type(datamodule).__qualname__)

@@ -236,6 +236,15 @@ class KPOModule(pl.LightningModule):
             if self.trainer.precision == "bf16-true":
                 ref.to(dtype=torch.bfloat16)
 
+    def on_train_start(self) -> None:
+        """A resumed run trains at this config's `optim.lr`: the restored optimizer and scheduler carry the saved
+        one (a fresh run is unchanged: the same values are set again)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [self.optim_cfg.lr] * len(scheduler.base_lrs)
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] = self.optim_cfg.lr * self._lr_factor(scheduler.last_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kpo"] = {
             "rollout_step": self.rollout_step,
