@@ -18,6 +18,7 @@ SLOW = {
     "test_default_job.py",  # the default job learns: ~40 s subprocess
     "test_ddp.py",  # two-process DDP (gloo) subprocesses
     "test_fsdp.py",  # two-process FSDP (gloo) subprocesses, ~150 s of CPU in all
+    "test_distributed_runs.py",  # run.py on two gloo processes: split validation, mode=eval, two nodes
     "test_fsdp_collectives.py",  # four two-process (gloo) runs, each killed after 240 s, collectives time out at 20 s
     "test_resume.py",  # several runs, SIGKILL/SIGTERM subprocesses
     "test_cli_errors.py::test_real_process_exit_code_and_debug_traceback",  # two CLI subprocesses
@@ -26,6 +27,7 @@ SLOW = {
     "test_reward_timeouts.py::test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts",  # run.py subprocess
     "test_reward_timeouts.py::test_sigterm_during_a_stuck_reward_stops_the_run",  # run.py subprocess + SIGTERM
     "test_benchmarks.py::test_ratio_vs_length_and_stress_losses_run_end_to_end",  # 4 python subprocesses, ~15 s
+    "test_generation_precision.py::test_fsdp_bf16_mixed_rollouts_sample_in_bf16",  # two FSDP processes
     # two DDP processes (gloo) in a subprocess, ~40 s on a loaded machine
     "test_checkpoint_reliability.py::test_a_save_error_on_rank_0_ends_both_ranks_with_one_line",
     "test_reward_processes.py::test_no_process_of_a_run_remains",  # run.py subprocesses (exit, SIGKILL)

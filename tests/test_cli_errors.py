@@ -143,3 +143,31 @@ def test_preset_dir_errors(capsys, tmp_path):
     assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}"), "preset_dir", "preset=NAME")
     (tmp_path / "loop.yaml").write_text("preset: paper\n")
     assert_one_line_error(*run_main(capsys, f"preset_dir={tmp_path}", "preset=loop"), "loop.yaml", "preset")
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        # the paper preset's 32 prompts x 4 mini-batches on 2 x 8 GPUs: 2 prompts per process, 4 mini-batches
+        (
+            ["trainer.devices=8", "trainer.num_nodes=2", "data.prompts_per_step=32", "optim.num_minibatches=4"],
+            ["data.prompts_per_step=32 over 16 processes", "use data.prompts_per_step=64"],
+        ),
+        (["trainer.devices=0,1,2", "data.prompts_per_step=8", "optim.num_minibatches=1"], ["over 3 processes"]),
+    ],
+)
+def test_prompts_that_do_not_split_over_the_processes_are_refused_up_front(capsys, overrides, needles):
+    assert_one_line_error(*run_main(capsys, *overrides), *needles)
+
+
+def test_prompts_that_split_over_the_processes_pass_the_check():
+    from kpo_lightning.cli.config_checks import check_config
+    from kpo_lightning.config import Config
+
+    cfg = Config()
+    cfg.trainer.devices, cfg.trainer.num_nodes = "8", 2
+    cfg.data.prompts_per_step, cfg.optim.num_minibatches = 64, 4
+    check_config(cfg)
+    cfg.trainer.devices = "auto"  # the count is known only at run time: left to the first batch
+    cfg.data.prompts_per_step = 4
+    check_config(cfg)

@@ -433,3 +433,23 @@ def test_other_setting_errors(tmp_path):
         PromptDataModule.check_source(file_cfg(path, prompt_template="Solve it"))
     with pytest.raises(UserInputError, match="chat_template=true needs"):
         take(PromptDataModule(file_cfg(path, chat_template=True)), 1)
+
+
+def test_validation_shares_are_equal_contiguous_and_flag_their_filler_rows():
+    """Five prompts on two processes: 3 + 2 real ones, the short share filled up to 3 and flagged, so both
+    processes run the same batches (FSDP's generate is a collective) and the gathered real rows are the prompts in
+    order; on one process nothing is added."""
+    dm = PromptDataModule(DataConfig(source="arithmetic", prompts_per_step=2, val_size=5), seed=0)
+    dm.setup()
+    every = [r["prompt"] for r in dm.val_prompts()]
+    assert all("padding" not in b for b in dm.iter_val_batches())
+    shares = [list(dm.iter_val_batches(rank=r, world_size=2)) for r in range(2)]
+    assert [[len(b["prompt"]) for b in s] for s in shares] == [[2, 1], [2, 1]]
+    flags = [[f for b in s for f in b["padding"]] for s in shares]
+    assert flags == [[False, False, False], [False, False, True]]
+    prompts = [p for s in shares for b in s for p in b["prompt"]]
+    gathered = [p for p, pad in zip(prompts, flags[0] + flags[1]) if not pad]
+    assert gathered == every
+    # More processes than prompts: every process runs one batch, the empty shares all filler.
+    shares = [list(dm.iter_val_batches(rank=r, world_size=8)) for r in range(8)]
+    assert [sum(not f for b in s for f in b["padding"]) for s in shares] == [1, 1, 1, 1, 1, 0, 0, 0]

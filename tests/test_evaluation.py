@@ -64,3 +64,12 @@ def test_eval_mode_per_dataset_with_benchmark_layouts(tmp_path, char_tokenizer, 
     printed = capsys.readouterr().out
     assert f"{gsm8k}: avg@3=0.5000 pass@3=0.5000" in printed
     assert any((out / "tensorboard_eval").iterdir())
+
+
+def test_eval_with_no_prompt_left_is_one_line(tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=" * 50, "answer": "2"}) + "\n")
+    code = main(["mode=eval", f"data.source={data}", "data.max_prompt_tokens=8", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no prompt left to evaluate" in err and str(data) in err, err
+    assert "Traceback" not in err

@@ -199,3 +199,37 @@ def test_run_py_fsdp_lora_generates_and_exports_the_merged_model(tmp_path):
     assert got.keys() == before.keys()  # a plain model: adapters merged
     changed = [k for k in got if not torch.equal(got[k], before[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed), changed  # only adapted layers moved
+
+
+def test_root_stays_gathered_from_forward_to_backward_and_the_reference_reshards(tmp_path):
+    """FSDP2's root default (not resharded after forward): the root's whole weights (embeddings, head, final norm)
+    are held from a forward to its backward, which reshards them, instead of being gathered twice; decoder blocks
+    reshard after forward; `unsharded` (generation) restores that choice; the frozen reference, which never runs
+    backward, reshards its root after forward."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "fsdp_root.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"root-rank{rank}.json").read_text())
+        root = got["whole_root_bytes"]
+        assert got["after_forward"] == {"root": root, "blocks": 0}  # before: root 0 (resharded, gathered again)
+        assert got["after_backward"] == {"root": 0, "blocks": 0}
+        assert got["inside_unsharded"]["root"] == root and got["inside_unsharded"]["blocks"] > 0
+        assert got["after_unsharded"] == got["next_forward_and_backward"] == {"root": 0, "blocks": 0}
+        assert got["next_no_grad_forward"] == {"root": root, "blocks": 0}  # unsharded put the root's choice back
+        assert got["reference_after_forward"] == {"root": 0, "blocks": 0}
+
+
+def test_bf16_mixed_fsdp_reference_is_stored_in_bfloat16_with_kl_zero_at_step_zero(tmp_path):
+    """The frozen reference needs no float32 master: under FSDP's bf16-mixed it is sharded in bfloat16 (half the
+    policy's bytes; FSDP gathers the policy's weights in bfloat16 for compute, so KL is still exactly 0 at step 0)."""
+    rank0, rank1 = fsdp_pair(tmp_path / "two", "kpo", "seq-mean-token-mean", precision="bf16-mixed", beta=0.1)
+    for rank in (rank0, rank1):
+        assert rank["sharded"] == [True, True] and rank["dtypes"] == ["torch.float32", "torch.bfloat16"]
+        policy_bytes, reference_bytes = rank["param_bytes"]
+        assert reference_bytes * 2 == policy_bytes  # measured (tiny model): 105,344 B policy, 52,672 B reference
+        assert rank["logs"]["train/kl"] == 0.0

@@ -103,15 +103,32 @@ def test_bf16_mixed_at_lr_1e6_moves_nearly_every_weight():
     assert fraction_moved("bf16-true") < 0.1  # what bf16 master weights did: training stood still
 
 
+def linear_and_other_parameters() -> tuple[int, int]:
+    """Parameter counts of the tiny model's Linear layers and of the rest (embeddings, norms)."""
+    model = build_tiny_random_model(build_char_tokenizer(), seed=0)
+    linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    return linear, sum(p.numel() for p in model.parameters()) - linear
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_reference_follows_policy_precision_kl_zero_at_step_zero(tmp_path, precision):
-    """One mini-batch: the KL is taken before the only optimizer step, when policy and reference are equal."""
+    """One mini-batch: the KL is taken before the only optimizer step, when policy and reference are equal. Under
+    bf16-mixed the frozen reference stores its Linear weights (what autocast computes in bfloat16) in bfloat16,
+    no float32 master copy, and its log-probs stay bitwise the float32 weights' (KL exactly 0). The ratio metrics'
+    float64 states stay float64 under every precision (bf16-true converts the module to bfloat16)."""
     one_update(tmp_path, 1, "kpo", "seq-mean-token-mean", precision=precision, beta=0.1)
     import json
 
     run = json.loads((tmp_path / "run-rank0.json").read_text())
     assert run["dtypes"][0] == run["dtypes"][1] == ("torch.bfloat16" if precision == "bf16-true" else "torch.float32")
     assert run["logs"]["train/kl"] == 0.0
+    linear, other = linear_and_other_parameters()
+    policy_bytes, reference_bytes = run["param_bytes"]
+    assert policy_bytes == (linear + other) * (2 if precision == "bf16-true" else 4)
+    # measured, tiny model: 32-true 105,344 B; bf16-mixed 58,688 B (56 %; a transformer at scale, whose Linear
+    # layers hold nearly every weight: ~50 %)
+    assert reference_bytes == (linear * 2 + other * 4 if precision == "bf16-mixed" else policy_bytes)
+    assert run["metric_state_dtypes"] == ["torch.float64"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,24 @@ from torchmetrics import Metric
 from kpo_lightning.algorithms.losses import LOG_RATIO_CLAMP as _LOG_RATIO_CLAMP  # the losses' clamp
 
 
-class RatioVariance(Metric):
+class Float64StateMetric(Metric):
+    """A `Metric` whose float64 states stay float64 whatever the module is converted to.
+
+    torchmetrics applies `.to(dtype=...)` to metric states, and Lightning's bf16-true converts the whole
+    LightningModule with `.to(dtype=torch.bfloat16)`: sums of ~1e-8 deviations (and counts past 256) would round
+    away in bfloat16. Device moves still apply.
+    """
+
+    def _apply(self, fn, exclude_state=()):
+        keep = [k for k, v in self._defaults.items() if isinstance(v, Tensor) and v.dtype == torch.float64]
+        this = super()._apply(fn, exclude_state=(*exclude_state, *keep))
+        for key in keep:  # only the device follows
+            this._defaults[key] = this._defaults[key].to(this.device)
+            setattr(this, key, getattr(this, key).to(this.device))
+        return this
+
+
+class RatioVariance(Float64StateMetric):
     """Population variance of the ratio exp(log_ratio) over all valid tokens seen.
 
     `ratio` names the series fed to it ("raw" or "filtered"), for logging; it does not change the computation.
@@ -56,7 +73,7 @@ class RatioMean(RatioVariance):
         return (1.0 + self.sum / self.count.clamp_min(1)).float()
 
 
-class SwitchFrequency(Metric):
+class SwitchFrequency(Float64StateMetric):
     """Mean over responses (with >= 2 valid tokens) of the share of adjacent valid-token pairs whose sign flips.
 
     The state of a token is `log_ratio > 0`; pairs are adjacent in the valid order (masked holes are skipped).

@@ -120,6 +120,8 @@ def check_config(cfg: Config) -> None:
             f"{cfg.data.prompts_per_step}: groups are never split, so pick a divisor "
             f"(e.g. optim.num_minibatches={_largest_divisor(cfg.data.prompts_per_step, cfg.optim.num_minibatches)})"
         )
+    if cfg.mode == "train":
+        _check_prompts_per_process(cfg)
     if cfg.resume is not None and cfg.resume not in RESUME_AUTO and not Path(cfg.resume).exists():
         _fail(
             "resume",
@@ -160,6 +162,30 @@ def _check_strategy_and_precision(cfg: Config) -> None:
         )
     if precision not in PRECISIONS:
         _fail("trainer.precision", precision, f"use one of {', '.join(PRECISIONS)}")
+
+
+def _check_prompts_per_process(cfg: Config) -> None:
+    """Each process holds an equal share of whole groups, cut into `optim.num_minibatches`: checked here when the
+    number of processes is known from the config (`trainer.devices` a count or a list, times `trainer.num_nodes`),
+    else when the first batch is cut."""
+    devices = str(cfg.trainer.devices).strip()
+    if devices.isdigit():
+        count = int(devices)
+    elif "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:  # "auto", -1: known only once Lightning has looked at the machine
+        return
+    processes = count * cfg.trainer.num_nodes
+    prompts, minibatches = cfg.data.prompts_per_step, cfg.optim.num_minibatches
+    if prompts % processes == 0 and (prompts // processes) % minibatches == 0:
+        return
+    unit = processes * minibatches  # the smallest usable data.prompts_per_step
+    raise UserInputError(
+        f"data.prompts_per_step={prompts} over {processes} processes (trainer.devices={cfg.trainer.devices} x "
+        f"trainer.num_nodes={cfg.trainer.num_nodes}) with optim.num_minibatches={minibatches}: every process needs "
+        f"a whole number of groups per mini-batch; use data.prompts_per_step={unit * -(-prompts // unit)} "
+        f"or fewer mini-batches or processes"
+    )
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

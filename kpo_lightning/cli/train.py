@@ -44,11 +44,23 @@ def _devices(spec: str):
     return int(spec)
 
 
+def placement(cfg: Config) -> dict:
+    """The Trainer arguments that say where and how the job runs (training and `mode=eval` alike): accelerator,
+    devices, nodes, strategy, precision."""
+    # "fsdp" is the project's FSDP2 strategy (kpo_lightning/training/strategies.py), on GPUs and on CPUs (gloo) alike.
+    strategy = FSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
+    return dict(
+        accelerator=cfg.trainer.accelerator,
+        devices=_devices(cfg.trainer.devices),
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy,
+        precision=cfg.trainer.precision,
+    )
+
+
 def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Trainer:
     """One Trainer "epoch" is the whole run: `trainer.max_steps` rollout steps (training batches)."""
     every = cfg.eval.every_n_steps
-    # "fsdp" is the project's FSDP2 strategy (kpo_lightning/training/strategies.py), on GPUs and on CPUs (gloo) alike.
-    strategy = FSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
     return pl.Trainer(
         max_epochs=1,
         limit_train_batches=cfg.trainer.max_steps,
@@ -56,11 +68,7 @@ def build_trainer(cfg: Config, callbacks: list[pl.Callback], logger) -> pl.Train
         val_check_interval=min(every, cfg.trainer.max_steps) if every > 0 else None,
         check_val_every_n_epoch=1 if every > 0 else None,
         num_sanity_val_steps=0,
-        accelerator=cfg.trainer.accelerator,
-        devices=_devices(cfg.trainer.devices),
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=strategy,
-        precision=cfg.trainer.precision,
+        **placement(cfg),
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,  # RolloutCheckpoint does it, atomically and per rollout step

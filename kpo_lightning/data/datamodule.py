@@ -59,6 +59,7 @@ from kpo_lightning.errors import UserInputError
 _PATH_LIKE_EXTENSIONS = FILE_EXTENSIONS + (".txt", ".tsv", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".ndjson")
 MAX_CONSECUTIVE_SKIPS = 100_000  # endless sources: this many unusable prompts in a row is an input error
 STATE_FORMAT = 1
+VAL_PADDING = "padding"  # key of a validation batch's per-prompt flags: True for a filler row (see iter_val_batches)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,14 +486,32 @@ class PromptDataModule(pl.LightningDataModule):
         """Validation prompts one at a time, `{"prompt": str, "answer": str}` (for evaluation code)."""
         return iter(self.val_prompts())
 
-    def iter_val_batches(self, batch_size: int | None = None) -> Iterator[dict[str, list[str]]]:
+    def iter_val_batches(
+        self, batch_size: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> Iterator[dict[str, list]]:
         """Validation in `{"prompt": [...], "answer": [...]}` chunks of `batch_size` (default prompts_per_step);
-        the last chunk may be shorter."""
+        the last chunk may be shorter.
+
+        With `world_size` > 1, process `rank`'s share: the prompts cut into `world_size` contiguous shares of
+        ceil(n / world_size), so every process runs the same number of batches of the same sizes (under FSDP each
+        `generate` is a collective) and gathered results come back in prompt order. A share that falls short is
+        filled with copies of the first prompt, flagged True in the batch's "padding" list (present only then) so
+        their results are dropped after gathering.
+        """
         size = batch_size or self.cfg.prompts_per_step
         items = self.val_prompts()
+        padding = [False] * len(items)
+        if world_size > 1 and items:
+            share = -(-len(items) // world_size)
+            items = items[rank * share : (rank + 1) * share]
+            padding = [False] * len(items) + [True] * (share - len(items))
+            items = items + [self.val_prompts()[0]] * (share - len(items))
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
-            yield {"prompt": [r["prompt"] for r in chunk], "answer": [r["answer"] for r in chunk]}
+            batch: dict[str, list] = {"prompt": [r["prompt"] for r in chunk], "answer": [r["answer"] for r in chunk]}
+            if world_size > 1:
+                batch[VAL_PADDING] = padding[start : start + size]
+            yield batch
 
     @property
     def num_skipped_long_val(self) -> int:
@@ -501,8 +520,12 @@ class PromptDataModule(pl.LightningDataModule):
         return self._val_cache[2] if self._val_cache else 0
 
     def val_dataloader(self) -> DataLoader:
-        """The validation batches (empty when data.val_size is 0)."""
-        return DataLoader(_BatchList(list(self.iter_val_batches())), batch_size=None, collate_fn=_as_is)
+        """This process's share of the validation batches (all of them on one process; empty when data.val_size
+        is 0): each process samples its own prompts and the module gathers the results once."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = list(self.iter_val_batches(rank=rank, world_size=world))
+        return DataLoader(_BatchList(batches), batch_size=None, collate_fn=_as_is)
 
 
-__all__ = ["PromptDataModule", "FILE_EXTENSIONS", "STREAM_SHUFFLE_BUFFER"]
+__all__ = ["PromptDataModule", "FILE_EXTENSIONS", "STREAM_SHUFFLE_BUFFER", "VAL_PADDING"]

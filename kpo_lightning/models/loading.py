@@ -110,6 +110,26 @@ def weight_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16-true" else torch.float32
 
 
+def store_reference_in_compute_dtype(reference: torch.nn.Module, precision: str, sharded: bool) -> None:
+    """Store a frozen KL reference in the dtype its forward computes in, so it has no float32 master copy.
+
+    Under bf16-mixed, sharded (FSDP's mixed precision gathers every weight in bfloat16): all floating-point
+    parameters in bfloat16. Not sharded (autocast): the weights of its Linear layers only, the ops autocast runs in
+    bfloat16; embeddings and norms, which run in float32, stay float32 (as does a Linear weight tied to an
+    embedding). Either way the reference's log-probs are bitwise those of its float32 weights (the rounding to
+    bfloat16 happens once here instead of at every forward): KL is exactly 0 while the policy equals it. Other
+    precisions: left as it is.
+    """
+    if precision != "bf16-mixed":
+        return
+    linear = {id(p) for m in reference.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(False)}
+    other = {id(p) for m in reference.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(False)}
+    with torch.no_grad():
+        for p in reference.parameters():  # parameters only: buffers (rotary frequencies) are float32 in compute too
+            if p.is_floating_point() and (sharded or (id(p) in linear and id(p) not in other)):
+                p.data = p.data.to(torch.bfloat16)
+
+
 def training_dtype(dtype: str, precision: str) -> torch.dtype:
     """The dtype the policy is loaded in for training under `trainer.precision`: the weights the optimizer updates.
 

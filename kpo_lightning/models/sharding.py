@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 import torch
 
 MIXED_PRECISIONS = ("bf16-mixed",)
+# Each FSDP unit's reshard-after-forward choice (FSDP2 has no getter), restored after `unsharded`.
+_RESHARD_AFTER_FORWARD: WeakKeyDictionary[torch.nn.Module, bool] = WeakKeyDictionary()
 
 
 def _mixed_precision_policy(precision: str):
@@ -38,12 +41,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return bool(fsdp_modules(model))
 
 
-def shard_model(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mesh, precision: str, frozen: bool = False) -> torch.nn.Module:
     """`fully_shard` each transformer block, then the whole transformer (the root: embeddings, head, final norm).
 
     Under peft the root is the transformer inside the wrapper (`get_base_model()`): `generate` calls that model's
-    forward directly, and FSDP needs every forward to enter through its root. Every unit reshards after its
-    forward (memory first); `full_weights_for_generation` turns that off while sampling. Returns `model`.
+    forward directly, and FSDP needs every forward to enter through its root. Every block reshards after its
+    forward (memory first). The root keeps FSDP2's default: not resharded after forward, since backward needs its
+    weights (Qwen3's tied embedding among them) right after the last block and reshards them itself; gathering
+    them again would only add traffic. A `frozen` model (the KL reference) never runs backward, so its root
+    reshards after forward too. `full_weights_for_generation` keeps every unit gathered while sampling.
+    Returns `model`.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -55,7 +62,9 @@ def shard_model(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module
     for module in list(root.modules()):
         if module is not root and type(module).__name__ in classes:
             fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            _RESHARD_AFTER_FORWARD[module] = True
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
+    _RESHARD_AFTER_FORWARD[root] = frozen
     return model
 
 
@@ -78,8 +87,8 @@ def unsharded(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m in modules:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m in modules:  # back to what shard_model chose (the root: not after forward), all resharded now
+            m.set_reshard_after_forward(_RESHARD_AFTER_FORWARD.get(m, True), recurse=False)
             m.reshard()
 
 

@@ -9,6 +9,7 @@ touches nothing else of the module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -50,6 +51,9 @@ class RolloutCallback(pl.Callback):
 
     Each process samples with the seed `sampling_seed(seed, global_rank, rollout_step)` (any `seed` in `params`
     is replaced): processes draw different rollouts, and a resumed run draws the same ones as an uninterrupted run.
+
+    Sampling runs in the training precision, like validation: under bf16-mixed with bfloat16 weights, activations
+    and KV cache (see `sharded_generation.full_weights_for_generation`), under FSDP with the gathered weights.
     """
 
     def __init__(self, params: SamplingParams | None = None) -> None:
@@ -62,7 +66,10 @@ class RolloutCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: RolloutSource, batch: dict, batch_idx: int) -> None:
         inputs = pl_module.rollout_inputs()
-        with full_weights_for_generation(trainer, inputs.policy):
+        # This hook runs outside Lightning's step contexts: enter the precision's forward context (autocast under
+        # bf16-mixed) as training and validation steps do, with the weights validation samples with.
+        precision = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+        with precision, full_weights_for_generation(trainer, inputs.policy):
             batch["rollout"] = self._make(inputs, batch)
 
     def _make(self, inputs: RolloutInputs, batch: dict):

@@ -44,8 +44,14 @@ from kpo_lightning.config import (
     RewardConfig,
     RolloutConfig,
 )
+from kpo_lightning.data.datamodule import VAL_PADDING
 from kpo_lightning.errors import NonFiniteTrainingError, UserInputError
-from kpo_lightning.models.loading import decay_parameter_names, disable_dropout, weight_dtype
+from kpo_lightning.models.loading import (
+    decay_parameter_names,
+    disable_dropout,
+    store_reference_in_compute_dtype,
+    weight_dtype,
+)
 from kpo_lightning.models.sharding import is_sharded
 from kpo_lightning.rewards.scoring import reward_from_config
 from kpo_lightning.rollout.callback import RolloutCallback, RolloutInputs
@@ -98,6 +104,7 @@ class KPOModule(pl.LightningModule):
         reward_fn: Callable[..., float] | None = None,
         engine: RolloutEngine | None = None,
         seed: int = 0,
+        master_weights: bool = True,
     ) -> None:
         super().__init__()
         loss, optim, rollout = loss or LossConfig(), optim or OptimConfig(), rollout or RolloutConfig()
@@ -111,6 +118,7 @@ class KPOModule(pl.LightningModule):
         self.engine: RolloutEngine = engine or HFGenerateEngine()
         self.automatic_optimization = False
         self.seed = seed
+        self.master_weights = master_weights  # False (mode=eval): the weights are used in the dtype they came in
         self.loss_options = _loss_options(loss, rollout.max_new_tokens)
         # The filter of a KPO loss; for GRPO/GSPO/GMPO the diagnostic one (ratio variance and switch frequency,
         # filtered: what the filter would have done), from the configured Q (or tau), V, P0, else KPO-clipped's.
@@ -130,14 +138,22 @@ class KPOModule(pl.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._val_rewards: list[Tensor] = []
+        self._val_kept: list[Tensor] = []  # per validation prompt: not a filler row
+        self.last_val_summary: dict[str, float] = {}  # the last validation's summary, over all processes
         self.last_logs: dict[str, float] = {}
 
     # ----------------------------------------------------------------- Lightning wiring
     @classmethod
     def from_config(
-        cls, policy: torch.nn.Module, tokenizer, cfg: Config, reward_fn: Callable[..., float] | None = None
+        cls,
+        policy: torch.nn.Module,
+        tokenizer,
+        cfg: Config,
+        reward_fn: Callable[..., float] | None = None,
+        master_weights: bool = True,
     ) -> KPOModule:
-        """The module a whole run config describes (its loss, optim, rollout, reward, eval, log sections and seed)."""
+        """The module a whole run config describes (its loss, optim, rollout, reward, eval, log sections and seed);
+        `master_weights=False` for evaluation only (see `configure_model`)."""
         return cls(
             policy,
             tokenizer,
@@ -149,6 +165,7 @@ class KPOModule(pl.LightningModule):
             log=cfg.log,
             reward_fn=reward_fn,
             seed=cfg.seed,
+            master_weights=master_weights,
         )
 
     def configure_callbacks(self):
@@ -159,13 +176,15 @@ class KPOModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """float32 master weights under 32-true and bf16-mixed (a policy given in bfloat16 is converted, saying
-        so: AdamW updates at small learning rates round away in bfloat16 weights); under `trainer.strategy=fsdp`,
+        so: AdamW updates at small learning rates round away in bfloat16 weights; not with `master_weights=False`,
+        the evaluation job's module, which uses `model.dtype` as loaded); under `trainer.strategy=fsdp`,
         shard the policy and the KL reference (FSDP2 `fully_shard`, kpo_lightning/training/strategies.py). Idempotent:
         Lightning calls it before every fit and validate."""
         if self._trainer is None:
             return
         strategy = self.trainer.strategy
-        if weight_dtype(self.trainer.precision) == torch.float32 and not is_sharded(self.policy):
+        to_float32 = self.master_weights and weight_dtype(self.trainer.precision) == torch.float32
+        if to_float32 and not is_sharded(self.policy):
             low = sorted({str(p.dtype) for p in self.policy.parameters() if p.is_floating_point()} - {"torch.float32"})
             if low:
                 if self.global_rank == 0:
@@ -177,10 +196,14 @@ class KPOModule(pl.LightningModule):
                 self.policy.float()
                 for ref in self._reference:
                     ref.float()
-        if isinstance(strategy, FSDPStrategy):
+        sharding = isinstance(strategy, FSDPStrategy)
+        for ref in self._reference:
+            if not is_sharded(ref):  # frozen: stored in the dtype it computes in (bfloat16 under bf16-mixed)
+                store_reference_in_compute_dtype(ref, str(self.trainer.precision), sharded=sharding)
+        if sharding:
             strategy.shard(self.policy)
             for ref in self._reference:
-                strategy.shard(ref)
+                strategy.shard(ref, frozen=True)
 
     def configure_optimizers(self):
         params = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
@@ -210,11 +233,13 @@ class KPOModule(pl.LightningModule):
         if self.loss_cfg.type in KPO_LOSSES and self.global_rank == 0:
             self._print_filter_setting()
         self.policy.train()  # gradient checkpointing only acts in train mode; dropout is off (see disable_dropout)
-        # The reference follows the policy: same device, same parameter dtype (bf16-true converts the policy),
-        # same sharding (configure_model) and the same autocast (its forward runs inside training_step).
-        dtype = next((p.dtype for p in self.policy.parameters() if p.dtype.is_floating_point), None)
+        # The reference follows the policy: same device, same sharding (configure_model), the same autocast (its
+        # forward runs inside training_step) and bf16-true's bfloat16 weights (Lightning converts the policy only);
+        # under bf16-mixed it keeps the bfloat16 weights configure_model stored it in (no float32 master copy).
         for ref in self._reference:
-            ref.to(device=self.device, dtype=dtype)
+            ref.to(device=self.device)
+            if self.trainer.precision == "bf16-true":
+                ref.to(dtype=torch.bfloat16)
 
     def on_train_start(self) -> None:
         """A resumed run trains at this config's `optim.lr`: the restored optimizer and scheduler carry the saved
@@ -550,6 +575,8 @@ class KPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Sample and score `eval.k` answers to this process's validation prompts (the data module gives each
+        process its own share; filler rows that even the shares out are flagged in the batch's "padding")."""
         params = SamplingParams.for_eval(self.rollout_cfg, self.eval_cfg)
         # Validation samples from its own seeded RNG: the same prompts get the same draws at every evaluation,
         # and training's RNG stream is untouched (so a resumed run samples exactly what the original would).
@@ -561,18 +588,24 @@ class KPOModule(pl.LightningModule):
             rewards = evaluate_batch(
                 self.engine, self.policy, self.tokenizer, batch["prompt"], batch["answer"], params, self.reward_fn
             )
+        padding = batch.get(VAL_PADDING) or [False] * len(batch["prompt"])
         self._val_rewards.append(rewards.to(self.device))
+        # uint8, not bool: gloo's all_gather takes no bool tensors
+        self._val_kept.append(1 - torch.tensor(padding, dtype=torch.uint8, device=self.device))
 
     def on_validation_epoch_end(self) -> None:
+        """Gather every process's rewards once, drop the filler rows, log avg@k and pass@k over all prompts."""
         if not self._val_rewards:
             return
         from kpo_lightning.rollout.evaluation import summarize
 
-        rewards = torch.cat(self._val_rewards)  # (num_prompts, k)
-        self._val_rewards = []
+        rewards, kept = torch.cat(self._val_rewards), torch.cat(self._val_kept)  # (prompts here, k), (prompts here,)
+        self._val_rewards, self._val_kept = [], []
         if self.trainer.world_size > 1:
             rewards = self.all_gather(rewards).reshape(-1, rewards.shape[-1])
-        summary = summarize(rewards, self.eval_cfg.k)
+            kept = self.all_gather(kept).reshape(-1)
+        summary = summarize(rewards[kept.bool()], self.eval_cfg.k)
+        self.last_val_summary = summary
         self.log("val/accuracy", summary["accuracy"], prog_bar=True, logger=False, sync_dist=False)
         self._log_metrics({f"val/{k}": v for k, v in summary.items()})
 

@@ -38,7 +38,8 @@ class FSDPStrategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Apply `fully_shard` to `model` (idempotent: a sharded model is returned as it is)."""
+    def shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+        """Apply `fully_shard` to `model` (idempotent: a sharded model is returned as it is); `frozen` for a model
+        that never runs backward (the KL reference; see `shard_model`)."""
         precision = getattr(self.precision_plugin, "precision", "32-true")
-        return shard_model(model, self.device_mesh["data_parallel"], precision)
+        return shard_model(model, self.device_mesh["data_parallel"], precision, frozen=frozen)

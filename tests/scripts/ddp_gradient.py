@@ -129,6 +129,19 @@ class SaveGrads(pl.Callback):
                     "groups": groups,
                     "sharded": [is_sharded(m) for m in [pl_module.policy, *pl_module._reference]],
                     "dtypes": [str(next(m.parameters()).dtype) for m in [pl_module.policy, *pl_module._reference]],
+                    # whole (logical) bytes of the weights, sharded or not
+                    "param_bytes": [
+                        sum(p.numel() * p.element_size() for p in m.parameters())
+                        for m in [pl_module.policy, *pl_module._reference]
+                    ],
+                    "metric_state_dtypes": sorted(
+                        {
+                            str(getattr(metric, state).dtype)
+                            for c in (pl_module.ratio_metrics_raw, pl_module.ratio_metrics_filtered)
+                            for metric in c.values()
+                            for state in metric._defaults
+                        }
+                    ),
                     "weight_decay": [g["weight_decay"] for g in trainer.optimizers[0].param_groups],
                 }
             )
