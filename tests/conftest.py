@@ -25,6 +25,9 @@ SLOW = {
     "test_reward_timeouts.py::test_a_run_with_a_stuck_reward_finishes_and_counts_timeouts",  # run.py subprocess
     "test_reward_timeouts.py::test_sigterm_during_a_stuck_reward_stops_the_run",  # run.py subprocess + SIGTERM
     "test_benchmarks.py::test_ratio_vs_length_and_stress_losses_run_end_to_end",  # 4 python subprocesses, ~15 s
+    "test_ci.py::test_ci_uses_a_fresh_venv_outside_the_checkout_from_the_repository_root",  # .ci/run makes 2 venvs
+    "test_ci.py::test_ci_fails_when_either_part_of_the_command_fails",  # .ci/run makes a venv per case
+    "test_ci.py::test_pytest_collecting_no_tests_fails_ci",  # .ci/run makes a venv
 }
 
 
