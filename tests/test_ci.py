@@ -29,6 +29,7 @@ def run_ci(*args: str, readme: Path | None = None, timeout: float = 300) -> subp
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "CI_README")}
     if readme is not None:
         env["CI_README"] = str(readme)
+        env["CI_VENV_OPTIONS"] = "--without-pip"  # the stand-in commands install nothing; saves ~10 s per venv
     return subprocess.run(["bash", str(CI), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
