@@ -47,7 +47,7 @@ Run (about a minute of CPU with the defaults, which are kpo_lightning/conf/defau
     pip install -e ".[bench]"
     python benchmarks/compare_trl.py
     python benchmarks/compare_trl.py --steps 20 --warmup 2 --prompts 8 --group 8 --max-new-tokens 12 --minibatches 4 \
-        --reps 3                                               # the README table: the defaults, written out
+        --reps 3                                               # the docs/benchmarks.md table: the defaults, written out
     python benchmarks/compare_trl.py --only ours --profile     # cProfile of the timed steps of one framework
 """
 

@@ -1,4 +1,4 @@
-"""The README quick-start figures: the embedded default job (`python run.py`) over several seeds.
+"""The README results-table figures (docs/tasks.md): the embedded default job (`python run.py`) over several seeds.
 
 For each seed, runs the default job in this process (`python run.py seed=S output_dir=...`, plus any extra
 overrides) and reads its TensorBoard scalars: validation accuracy (avg@4 on 64 held-out problems) before training

@@ -17,7 +17,7 @@ table, and the ratio is also given in process CPU time, which a loaded machine d
 at 1 thread it estimates the idle machine's wall-time ratio; at 2 threads it is the total CPU work
 (including the threads' spin-waits), not the wall time.
 
-    python benchmarks/filter_speed.py --threads 1 2      # the README table (~1 min on 2 idle cores)
+    python benchmarks/filter_speed.py --threads 1 2      # the docs/benchmarks.md table (~1 min on 2 idle cores)
     python benchmarks/filter_speed.py [--quick] [--batch 256] [--tokens 4096] [--repeats 5] [--threads N ...]
 """
 

@@ -144,7 +144,7 @@ class LogConfig:
 class Config:
     seed: int = 0  # seeds sampling, data order and initialisation
     output_dir: str = "outputs/default"  # config.yaml, checkpoints/, tensorboard/, final/ go here
-    resume: str | None = None  # "auto", "auto_or_fresh" or a checkpoint path (see README, Reliability)
+    resume: str | None = None  # "auto", "auto_or_fresh" or a checkpoint path (see docs/reliability.md)
     mode: str = "train"  # train or eval
     preset: str | None = None  # a file NAME.yaml (preset_dir's, else built in) merged over the default
     preset_dir: str | None = None  # a folder of your own NAME.yaml presets, searched before the built-in ones

@@ -31,6 +31,9 @@ SLOW = {
     # two DDP processes (gloo) in a subprocess, ~40 s on a loaded machine
     "test_checkpoint_reliability.py::test_a_save_error_on_rank_0_ends_both_ranks_with_one_line",
     "test_reward_processes.py::test_no_process_of_a_run_remains",  # run.py subprocesses (exit, SIGKILL)
+    "test_ci.py::test_ci_uses_a_fresh_venv_outside_the_checkout_from_the_repository_root",  # .ci/run makes 2 venvs
+    "test_ci.py::test_ci_fails_when_either_part_of_the_command_fails",  # .ci/run makes a venv per case
+    "test_ci.py::test_pytest_collecting_no_tests_fails_ci",  # .ci/run makes a venv
 }
 
 

@@ -1,4 +1,4 @@
-"""Benchmark scripts print the machine they ran on and min-median-max over repetitions (README figures need both)."""
+"""Benchmark scripts print the machine they ran on and min-median-max over repetitions (docs/ figures need both)."""
 
 import re
 import subprocess

@@ -231,6 +231,9 @@ def test_signal_stops_a_stuck_batch(reward_file, tmp_path, sig, handler, code):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &` in a script, as CI runners and
+        # nohup do) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt; restore the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout.readline() == "scoring\n"

@@ -2,7 +2,7 @@
 
 `KPOModule.training_step` feeds a `StepLogs` what happened on this process (the loss metrics of every
 micro-batch, the loss and gradient norm of every optimizer step); `finish` returns the logged dict. Each value is
-first this process's own, then combined over processes by its rule (README's TensorBoard section has the table):
+first this process's own, then combined over processes by its rule (docs/logging.md has the table):
 
     mean   weighted mean sum_p weight_p * value_p / sum_p weight_p (weights: tokens, samples, or 1 per process)
     sum    a count: sum_p value_p

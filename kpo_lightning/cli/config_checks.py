@@ -13,7 +13,7 @@ from kpo_lightning.errors import UserInputError, check_choice
 
 MODES = ("train", "eval")
 RESUME_AUTO = ("auto", "auto_or_fresh")  # resume= values that pick the newest checkpoint (cli.train)
-# Every strategy and precision accepted here is trained in the test suite on CPU processes (see README, Scale).
+# Every strategy and precision accepted here is trained in the test suite on CPU processes (see docs/scale.md).
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 

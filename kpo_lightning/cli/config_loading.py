@@ -62,7 +62,7 @@ def _check_keys(d: dict, source: str) -> None:
     for key in _flat_keys(d):
         if key not in VALID_KEYS:
             close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in README.md"
+            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in docs/configuration.md"
             raise UserInputError(f"unknown config key {key!r} in {source}{hint}")
 
 

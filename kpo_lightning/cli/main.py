@@ -23,7 +23,7 @@ EXIT_INPUT_ERROR = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
-        description="KPO fine-tuning of language models (Lightning). Overrides are key=value; see README.",
+        description="KPO fine-tuning of language models (Lightning). Overrides are key=value (docs/configuration.md)",
     )
     p.add_argument("--config", help="a YAML file of config keys, merged over the defaults and preset")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
