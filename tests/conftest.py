@@ -44,6 +44,23 @@ def reward(prompt, completion, answer, **kwargs):
 '''
 
 
+def tiny_run_args(root, out, *extra: str) -> list[str]:
+    """`run.py` overrides for a tiny, fast run on `write_tiny_run_inputs(root)`, writing to `out`; `extra` wins."""
+    return [
+        f"model.name_or_path={root / 'model'}",
+        f"output_dir={out}",
+        f"reward.fn={root / 'reward.py'}:reward",
+        "data.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=4",
+        "optim.num_minibatches=1",
+        "eval.every_n_steps=0",
+        "log.samples_every_n_steps=0",
+        "log.ratio_plot_every_n_steps=0",
+        *extra,
+    ]
+
+
 def write_tiny_run_inputs(root):
     """A tiny random model + char tokenizer in root/model and DIGIT_REWARD in root/reward.py (for run.py tests)."""
     tok = build_char_tokenizer()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_tiny_run_inputs
+from conftest import tiny_run_args, write_tiny_run_inputs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kpo_lightning.cli import train
@@ -37,20 +37,7 @@ def setup(tmp_path_factory):
     return write_tiny_run_inputs(tmp_path_factory.mktemp("reliability"))
 
 
-def args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={root / 'model'}",
-        f"output_dir={out}",
-        f"reward.fn={root / 'reward.py'}:reward",
-        "data.prompts_per_step=2",
-        "rollout.num_generations=2",
-        "rollout.max_new_tokens=4",
-        "optim.num_minibatches=1",
-        "eval.every_n_steps=0",
-        "log.samples_every_n_steps=0",
-        "log.ratio_plot_every_n_steps=0",
-        *extra,
-    ]
+args = tiny_run_args
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_tiny_run_inputs
+from conftest import tiny_run_args, write_tiny_run_inputs
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kpo_lightning.cli.main import main
@@ -34,20 +34,7 @@ def setup(tmp_path_factory):
 
 
 def args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={root / 'model'}",
-        f"output_dir={out}",
-        f"reward.fn={root / 'reward.py'}:reward",
-        f"data.prompts_per_step={PROMPTS_PER_STEP}",
-        "rollout.num_generations=2",
-        "rollout.max_new_tokens=4",
-        "optim.num_minibatches=1",
-        "eval.every_n_steps=0",
-        "data.val_size=0",
-        "log.samples_every_n_steps=0",
-        "log.ratio_plot_every_n_steps=0",
-        *extra,
-    ]
+    return tiny_run_args(root, out, f"data.prompts_per_step={PROMPTS_PER_STEP}", "data.val_size=0", *extra)
 
 
 def test_a_stop_during_the_next_rollout_saves_the_data_position_of_the_last_finished_step(setup, monkeypatch):
