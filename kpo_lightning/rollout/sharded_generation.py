@@ -1,8 +1,10 @@
 """The weights `generate` runs with: the full weights under sharding, bfloat16 weights under bf16-mixed.
 
 Under `trainer.strategy=fsdp` (FSDP2, kpo_lightning/models/sharding.py) each process holds a shard of every weight;
-`generate` runs many forwards, and a different number on each process (sequences stop at different lengths), so
-gathering per forward would hang. The weights are gathered once on entry (bfloat16 under bf16-mixed: FSDP's
+`generate` runs many forwards, and processes whose sequences stop at different lengths keep each other in step
+(transformers turns on `synced_gpus` for an FSDP model: one all-reduce per decoding step, dummy forwards once a
+process is done), so gathering per forward would cost one all-gather per unit per token. The weights are gathered
+once on entry (bfloat16 under bf16-mixed: FSDP's
 mixed-precision policy) and kept until exit. Every process must enter (it is a collective).
 
 Without sharding, under `bf16-mixed` the policy holds float32 master weights, and autocast alone is not enough for
