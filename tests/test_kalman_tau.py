@@ -9,7 +9,6 @@ import math
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -39,7 +38,7 @@ from kpo_lightning.models.tiny_models import build_tiny_random_model
 from kpo_lightning.training.module import _loss_options
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ddp_gradient import FixedRollout, G, global_rollout  # noqa: E402
+from ddp_gradient import FixedRollout, G, global_rollout, one_step_trainer  # noqa: E402
 
 
 def config_error(max_new_tokens: int = 16, **loss) -> str | None:
@@ -243,17 +242,7 @@ def fit_one_step(loss: LossConfig, max_new_tokens: int = 7) -> KPOModule:
         rollout=RolloutConfig(num_generations=G, max_new_tokens=max_new_tokens),
         reward_fn=lambda **kw: 0.0,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FixedRollout(global_rollout(len(tok)))],
-    )
+    trainer = one_step_trainer([FixedRollout(global_rollout(len(tok)))])
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
     trainer.fit(module, train_dataloaders=data)
     return module

@@ -5,7 +5,6 @@ accepts exactly the strategies and precisions that are tested."""
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from kpo_lightning.models.loading import load_model_and_tokenizer
 from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ddp_gradient import FixedRollout, G, global_rollout  # noqa: E402
+from ddp_gradient import FixedRollout, G, global_rollout, one_step_trainer  # noqa: E402
 from ddp_gradient import main as one_update  # noqa: E402
 
 
@@ -47,18 +46,7 @@ def test_module_gives_a_bf16_policy_float32_master_weights_under_bf16_mixed(caps
     )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}] * 2, batch_size=None)
     for _ in range(2):  # the second fit finds float32 weights: no second message
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="bf16-mixed",
-            max_epochs=1,
-            limit_train_batches=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[FixedRollout(global_rollout(len(tok)))],
-        )
+        trainer = one_step_trainer([FixedRollout(global_rollout(len(tok)))], precision="bf16-mixed")
         trainer.fit(module, train_dataloaders=data)
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
     out = capsys.readouterr().out
@@ -79,18 +67,7 @@ def fraction_moved(precision: str, steps: int = 2) -> float:
         reward_fn=lambda **kw: 0.0,
     )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}] * steps, batch_size=None)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        max_epochs=1,
-        limit_train_batches=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FixedRollout(global_rollout(len(tok)))],
-    )
+    trainer = one_step_trainer([FixedRollout(global_rollout(len(tok)))], precision=precision, limit_train_batches=steps)
     trainer.fit(module, train_dataloaders=data)
     moved = sum((p.detach() != before[n].to(p.dtype)).sum().item() for n, p in model.named_parameters())
     return moved / sum(p.numel() for p in model.parameters())

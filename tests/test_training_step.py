@@ -11,7 +11,6 @@ import copy
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from kpo_lightning.models.char_tokenizer import build_char_tokenizer
 from kpo_lightning.models.tiny_models import build_tiny_random_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ddp_gradient import GROUPS, FixedRollout, G, global_rollout  # noqa: E402
+from ddp_gradient import GROUPS, FixedRollout, G, global_rollout, one_step_trainer  # noqa: E402
 
 N = GROUPS * G  # 16 rows: 4 groups of 4, prompt 5 tokens, response up to 7 (ragged, each row >= 1 token)
 
@@ -65,17 +64,7 @@ def run_step(loss_type="kpo_clipped", lr=0.0, beta=0.0, **optim):
         reward_fn=lambda **kw: 0.0,
     )
     data = torch.utils.data.DataLoader([{"prompt": ["x"], "answer": ["y"]}], batch_size=None)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FixedRollout(rollout)],
-    )
+    trainer = one_step_trainer([FixedRollout(rollout)])
     module_mod.compute_policy_loss = recording
     try:
         trainer.fit(module, train_dataloaders=data)

@@ -101,6 +101,24 @@ class FixedRollout(RolloutCallback):
         batch["rollout"] = shard(self.rollout, trainer.global_rank, trainer.world_size)
 
 
+def one_step_trainer(callbacks: list, **overrides) -> pl.Trainer:
+    """A CPU Trainer for one rollout step of a fixed rollout: no logger, checkpoints, progress bar or summary, no
+    distributed sampler (each process shards the rollout itself). `overrides` (devices, strategy, precision,
+    limit_train_batches) win."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    return pl.Trainer(**{**kwargs, **overrides}, callbacks=callbacks)
+
+
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor: an FSDP DTensor shard is gathered (a collective: every rank calls it in the same order)."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
@@ -215,19 +233,11 @@ def main(
         strategy = "auto"
     elif strategy == "fsdp":
         strategy = FSDPStrategy()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = one_step_trainer(
+        [FixedRollout(rollout), SaveGrads(out), NonFiniteLossOn(nan_loss_rank)],
         devices=world,
         strategy=strategy,
         precision=precision,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[FixedRollout(rollout), SaveGrads(out), NonFiniteLossOn(nan_loss_rank)],
     )
     trainer.fit(module, train_dataloaders=data)
 

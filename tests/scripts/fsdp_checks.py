@@ -68,19 +68,7 @@ def fsdp() -> FSDPStrategy:
 
 
 def trainer(strategy, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-    )
+    return ddp_gradient.one_step_trainer(callbacks, devices=2, strategy=strategy)
 
 
 def write(out: Path, scenario: str, rank: int, record: dict) -> None:

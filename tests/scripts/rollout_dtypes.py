@@ -21,6 +21,9 @@ from kpo_lightning.models.char_tokenizer import build_char_tokenizer
 from kpo_lightning.models.tiny_models import build_tiny_random_model
 from kpo_lightning.training.strategies import FSDPStrategy
 
+sys.path.insert(0, str(Path(__file__).parent))  # ddp_gradient, also when this file is imported by a test
+from ddp_gradient import one_step_trainer  # noqa: E402
+
 
 class Spy(RolloutCallback):
     """The real callback, with a phase flag around its sampling and hooks on layer 0's attention."""
@@ -84,19 +87,11 @@ def main(out: Path, devices: int, strategy: str, precision: str) -> None:
     )
     data = torch.utils.data.DataLoader([{"prompt": ["1+2=", "3+4="], "answer": ["3", "7"]}], batch_size=None)
     spy = Spy()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = one_step_trainer(
+        [spy, Report(out, spy)],
         devices=devices,
         strategy=FSDPStrategy() if strategy == "fsdp" else strategy,
         precision=precision,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[spy, Report(out, spy)],
     )
     trainer.fit(module, train_dataloaders=data)
 
